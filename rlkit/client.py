@@ -1,0 +1,388 @@
+"""The local, Tinker-style client API: ServiceClient -> TrainingClient -> SamplingClient.
+
+Names, arguments and return types follow the hosted Tinker SDK, so `import rlkit as tinker`
+runs code written for it. Work runs on one worker thread per model, so calls complete in the
+order they were submitted (a forward_backward submitted before an optim_step is applied before
+it), and futures are returned at once so callers can queue work ahead.
+
+Differences from the hosted service, on purpose:
+- paths are local directories (under `ServiceClient(checkpoint_dir=...)`), not `tinker://` URIs;
+- `load_state` restores the optimizer too (`load_state(path, with_optimizer=False)` does not);
+- a request with no `seed` gets one derived from the client's seed and a call counter, so a
+  whole run is reproducible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from rlkit import models
+from rlkit.adapters import AdapterSpec
+from rlkit.learner import Learner, read_state
+from rlkit.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    LoadWeightsResponse,
+    ModelInput,
+    OptimStepResponse,
+    SampleResponse,
+    SamplingParams,
+    SaveWeightsForSamplerResponse,
+    SaveWeightsResponse,
+    to_token_list,
+)
+
+T = TypeVar("T")
+
+
+class APIFuture(Generic[T]):
+    """A result that will exist: `.result()`, `await fut.result_async()` or `await fut`."""
+
+    def __init__(self, future: concurrent.futures.Future) -> None:
+        self._future = future
+
+    def result(self, timeout: float | None = None) -> T:
+        return self._future.result(timeout)
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        return await asyncio.wait_for(asyncio.wrap_future(self._future), timeout)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def __await__(self):
+        return self.result_async().__await__()
+
+
+class _Worker:
+    """One thread that owns a Learner; submission order is execution order."""
+
+    def __init__(self, learner: Learner) -> None:
+        self.learner = learner
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlkit-model")
+
+    def submit(self, fn: Callable[..., T], *args, **kwargs) -> APIFuture[T]:
+        return APIFuture(self._pool.submit(fn, *args, **kwargs))
+
+
+def _dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            name
+        ]
+    except KeyError:
+        raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {name!r}") from None
+
+
+class ServiceClient:
+    """Entry point: makes training and sampling clients for local models.
+
+    `device` defaults to CUDA when available, else CPU; `dtype` to bfloat16 on GPU and float32
+    on CPU. Checkpoints go under `checkpoint_dir` (default `$RLKIT_CACHE_DIR/checkpoints`).
+    Hosted-only arguments (`api_key`, `base_url`, ...) are accepted and ignored.
+    """
+
+    def __init__(
+        self,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        **_hosted_only: Any,
+    ) -> None:
+        self.device = (
+            torch.device(device)
+            if device
+            else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        )
+        self.dtype = _dtype(dtype, self.device)
+        self.checkpoint_dir = Path(checkpoint_dir or models.cache_dir() / "checkpoints")
+
+    def _learner(self, base_model: str, spec: AdapterSpec) -> Learner:
+        return Learner(base_model, spec, dtype=self.dtype, device=self.device)
+
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = True,
+        *,
+        lora_alpha: float = 32.0,
+        use_dora: bool = False,
+        **_hosted_only: Any,
+    ) -> TrainingClient:
+        spec = AdapterSpec(
+            rank=rank,
+            alpha=lora_alpha,
+            train_attn=train_attn,
+            train_mlp=train_mlp,
+            train_unembed=train_unembed,
+            use_dora=use_dora,
+            seed=0 if seed is None else seed,
+        )
+        return TrainingClient(self, self._learner(base_model, spec))
+
+    async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:
+        return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
+
+    def create_training_client_from_state(
+        self, path: str, *, with_optimizer: bool = False, **_hosted_only: Any
+    ) -> TrainingClient:
+        state = read_state(Path(path))
+        client = TrainingClient(
+            self, self._learner(state["base_model"], AdapterSpec(**state["adapter"]))
+        )
+        client.load_state(path, with_optimizer=with_optimizer).result()
+        return client
+
+    def create_training_client_from_state_with_optimizer(self, path: str, **kw) -> TrainingClient:
+        return self.create_training_client_from_state(path, with_optimizer=True, **kw)
+
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None, **_hosted_only: Any
+    ) -> SamplingClient:
+        """Sample from saved weights (`model_path`) or from an untouched base model."""
+        if model_path is not None:
+            return self.create_training_client_from_state(
+                model_path
+            ).save_weights_and_get_sampling_client()
+        if base_model is None:
+            raise ValueError("create_sampling_client needs model_path or base_model")
+        # A fresh adapter starts with B = 0, so it samples exactly the base model.
+        trainer = TrainingClient(self, self._learner(base_model, AdapterSpec(rank=1)))
+        return trainer.save_weights_and_get_sampling_client()
+
+    def get_server_capabilities(self) -> dict:
+        return {"supported_models": [{"model_name": n} for n in sorted(models.BUILTIN_MODELS)]}
+
+
+class TrainingClient:
+    """A LoRA adapter being trained on a base model. Methods return futures at once."""
+
+    _ids = itertools.count()
+
+    def __init__(self, service: ServiceClient, learner: Learner) -> None:
+        self.service = service
+        self.model_id = f"{uuid.uuid4().hex[:8]}-{next(self._ids)}"
+        self._worker = _Worker(learner)
+        self._sampler_seeds = itertools.count()
+
+    @property
+    def _learner(self) -> Learner:
+        return self._worker.learner
+
+    def get_tokenizer(self):
+        return self._learner.tokenizer
+
+    def get_info(self) -> GetInfoResponse:
+        learner = self._learner
+        return GetInfoResponse(
+            base_model=learner.base_model,
+            lora_rank=learner.spec.rank,
+            model_id=self.model_id,
+            vocab_size=learner.vocab_size,
+            trainable_params=sum(p.numel() for p in learner.params.values()),
+        )
+
+    async def get_info_async(self) -> GetInfoResponse:
+        return self.get_info()
+
+    # ---- training -----------------------------------------------------------------------
+    def forward(
+        self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None = None
+    ) -> APIFuture[ForwardBackwardOutput]:
+        return self._worker.submit(self._learner.forward, data, loss_fn, loss_fn_config, False)
+
+    def forward_backward(
+        self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None = None
+    ) -> APIFuture[ForwardBackwardOutput]:
+        return self._worker.submit(self._learner.forward, data, loss_fn, loss_fn_config, True)
+
+    def forward_backward_custom(
+        self, data: list[Datum], loss_fn: Callable
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Any differentiable `loss_fn(data, logprobs_list) -> (loss, metrics)` on logprobs.
+
+        Costs one extra forward pass: the gradient of `loss` with respect to each token's
+        logprob becomes that token's weight in a cross_entropy backward pass.
+        """
+        return self._worker.submit(self._custom, data, loss_fn)
+
+    def _custom(self, data, loss_fn) -> ForwardBackwardOutput:
+        learner = self._learner
+        plain = [
+            Datum(d.model_input, {"target_tokens": d.loss_fn_inputs["target_tokens"]}) for d in data
+        ]
+        with_weights = [
+            Datum(d.model_input, {**p.loss_fn_inputs, "weights": [0.0] * d.model_input.length})
+            for d, p in zip(data, plain, strict=True)
+        ]
+        first = learner.forward(with_weights, "cross_entropy", None, backward=False)
+        logprobs = [o["logprobs"].to_torch().requires_grad_() for o in first.loss_fn_outputs]
+        loss, metrics = loss_fn(data, logprobs)
+        loss.backward()
+        weighted = [
+            Datum(d.model_input, {**d.loss_fn_inputs, "weights": -lp.grad})
+            for d, lp in zip(with_weights, logprobs, strict=True)
+        ]
+        out = learner.forward(weighted, "cross_entropy", None, backward=True)
+        out.metrics = {**out.metrics, **metrics, "loss:sum": float(loss.detach())}
+        return out
+
+    def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
+        return self._worker.submit(self._learner.optim_step, adam_params or AdamParams())
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def _path(self, kind: str, name: str) -> Path:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"checkpoint name must be a plain file name, got {name!r}")
+        return self.service.checkpoint_dir / self.model_id / kind / name
+
+    def save_state(self, name: str) -> APIFuture[SaveWeightsResponse]:
+        path = self._path("weights", name)
+        return self._worker.submit(
+            lambda: SaveWeightsResponse(str(self._learner.save(path, with_optimizer=True)))
+        )
+
+    def load_state(self, path: str, with_optimizer: bool = True) -> APIFuture[LoadWeightsResponse]:
+        def load() -> LoadWeightsResponse:
+            self._learner.load(Path(path), with_optimizer=with_optimizer)
+            return LoadWeightsResponse(str(path))
+
+        return self._worker.submit(load)
+
+    def load_state_with_optimizer(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        return self.load_state(path, with_optimizer=True)
+
+    def save_weights_for_sampler(self, name: str) -> APIFuture[SaveWeightsForSamplerResponse]:
+        path = self._path("sampler_weights", name)
+        return self._worker.submit(
+            lambda: SaveWeightsForSamplerResponse(
+                str(self._learner.save(path, with_optimizer=False))
+            )
+        )
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
+        """A sampler over the weights as they are once every call queued before this has run."""
+        snapshot = self._worker.submit(self._learner.snapshot).result()
+        if name is not None:
+            self.save_weights_for_sampler(name).result()
+        seed = (self._learner.spec.seed, next(self._sampler_seeds))
+        return SamplingClient(self._worker, snapshot, seed)
+
+    # ---- async twins (each returns the same future as its sync twin) ----------------------
+    async def forward_async(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    async def forward_backward_async(self, *args, **kwargs):
+        return self.forward_backward(*args, **kwargs)
+
+    async def forward_backward_custom_async(self, *args, **kwargs):
+        return self.forward_backward_custom(*args, **kwargs)
+
+    async def optim_step_async(self, *args, **kwargs):
+        return self.optim_step(*args, **kwargs)
+
+    async def save_state_async(self, *args, **kwargs):
+        return self.save_state(*args, **kwargs)
+
+    async def load_state_async(self, *args, **kwargs):
+        return self.load_state(*args, **kwargs)
+
+    async def load_state_with_optimizer_async(self, *args, **kwargs):
+        return self.load_state_with_optimizer(*args, **kwargs)
+
+    async def save_weights_for_sampler_async(self, *args, **kwargs):
+        return self.save_weights_for_sampler(*args, **kwargs)
+
+    async def save_weights_and_get_sampling_client_async(self, *args, **kwargs):
+        return await asyncio.to_thread(self.save_weights_and_get_sampling_client, *args, **kwargs)
+
+
+class SamplingClient:
+    """Samples from a frozen copy of the adapter weights, taken when it was created."""
+
+    def __init__(self, worker: _Worker, snapshot: dict, seed: tuple[int, int]) -> None:
+        self._worker = worker
+        self._snapshot = snapshot
+        self._base_seed = seed
+        self._calls = itertools.count()
+
+    def get_tokenizer(self):
+        return self._worker.learner.tokenizer
+
+    def get_base_model(self) -> str:
+        return self._worker.learner.base_model
+
+    def _request_seed(self, seed: int | None) -> int:
+        if seed is not None:
+            return seed
+        # Deterministic but distinct for every call of every sampler of this run.
+        a, b = self._base_seed
+        return hash((a, b, next(self._calls))) & 0x7FFF_FFFF
+
+    def sample(
+        self,
+        prompt: ModelInput,
+        num_samples: int = 1,
+        sampling_params: SamplingParams | None = None,
+        include_prompt_logprobs: bool = False,
+        **_hosted_only: Any,
+    ) -> APIFuture[SampleResponse]:
+        tokens = to_token_list(prompt)
+        if not tokens:
+            raise ValueError("sample() got an empty prompt")
+        if int(num_samples) != num_samples or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        params = _coerce_sampling_params(sampling_params)
+        vocab = self._worker.learner.vocab_size
+        if bad := [t for t in tokens if not 0 <= t < vocab]:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        seed = self._request_seed(params.seed)
+        learner = self._worker.learner
+
+        def run() -> SampleResponse:
+            sequences = learner.sample(self._snapshot, tokens, num_samples, params, seed)
+            prompt_lp = (
+                learner.prompt_logprobs(self._snapshot, tokens) if include_prompt_logprobs else None
+            )
+            return SampleResponse(sequences=sequences, prompt_logprobs=prompt_lp)
+
+        return self._worker.submit(run)
+
+    async def sample_async(self, *args, **kwargs) -> SampleResponse:
+        return await self.sample(*args, **kwargs)
+
+    def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
+        tokens = to_token_list(prompt)
+        return self._worker.submit(self._worker.learner.prompt_logprobs, self._snapshot, tokens)
+
+    async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
+        return await self.compute_logprobs(prompt)
+
+
+def _coerce_sampling_params(params: Any) -> SamplingParams:
+    """Our SamplingParams, built from ours, the hosted SDK's, or None (defaults)."""
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, SamplingParams):
+        return params
+    fields = ("max_tokens", "seed", "stop", "temperature", "top_k", "top_p")
+    return SamplingParams(**{f: getattr(params, f) for f in fields if hasattr(params, f)})

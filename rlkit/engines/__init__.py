@@ -1,0 +1,1 @@
+"""Rollout engines: they turn a prompt and SamplingParams into sampled sequences."""

@@ -1,0 +1,123 @@
+"""Rollout engine on transformers `generate`, sampling from the live (adapted) model.
+
+Logprobs are the model's raw log-probabilities of each sampled token (temperature 1, before
+top-k/top-p), the same quantity the trainer computes, so the two can be compared directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from rlkit.types import SampledSequence, SamplingParams
+
+
+def stop_criteria(params: SamplingParams, eos_token_id: int) -> tuple[set[int], list[str]]:
+    """Token ids and strings that end a sequence; the end-of-turn token always does."""
+    stop = params.stop
+    if stop is None:
+        return {eos_token_id}, []
+    if isinstance(stop, str):
+        return {eos_token_id}, [stop]
+    stop = list(stop)
+    if all(isinstance(s, str) for s in stop):
+        return {eos_token_id}, stop
+    if all(isinstance(s, int) for s in stop):
+        return {eos_token_id, *stop}, []
+    raise TypeError(f"SamplingParams.stop must be strings or token ids, not a mix: {stop!r}")
+
+
+def _text(tokenizer, tokens) -> str:
+    # Special tokens are not text: a stop string never matches inside `<|im_end|>`.
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Ends a row once its generated text contains any stop string."""
+
+    def __init__(self, tokenizer, strings: list[str], prompt_length: int) -> None:
+        self.tokenizer, self.strings, self.start = tokenizer, strings, prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        done = [
+            any(s in _text(self.tokenizer, row[self.start :]) for s in self.strings)
+            for row in input_ids.tolist()
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _truncate(tokens, logprobs, stop_ids, stop_strings, tokenizer) -> SampledSequence:
+    """Cut after the first stop token or stop string; rows that finished early hold padding."""
+    for end, token in enumerate(tokens, start=1):
+        if token in stop_ids or (
+            stop_strings and any(s in _text(tokenizer, tokens[:end]) for s in stop_strings)
+        ):
+            return SampledSequence("stop", tokens[:end], logprobs[:end])
+    return SampledSequence("length", tokens, logprobs)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompt: list[int],
+    num_samples: int,
+    params: SamplingParams,
+    seed: int,
+    max_tokens: int,
+) -> list[SampledSequence]:
+    """`num_samples` completions of `prompt`, reproducible for a given `seed`."""
+    stop_ids, stop_strings = stop_criteria(params, tokenizer.eos_token_id)
+    greedy = params.temperature == 0
+    # Filters are only for sampling: top_k=0 turns transformers' default top-k (50) off.
+    filters = (
+        {}
+        if greedy
+        else {
+            "temperature": params.temperature,
+            "top_k": 0 if params.top_k == -1 else params.top_k,
+            "top_p": params.top_p,
+        }
+    )
+    config = GenerationConfig(
+        max_new_tokens=max_tokens,
+        do_sample=not greedy,
+        **filters,
+        num_return_sequences=1 if greedy else num_samples,
+        eos_token_id=sorted(stop_ids),
+        pad_token_id=tokenizer.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    device = next(model.parameters()).device
+    stopping = StoppingCriteriaList(
+        [_StopOnStrings(tokenizer, stop_strings, len(prompt))] if stop_strings else []
+    )
+    input_ids = torch.tensor([prompt], device=device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            generation_config=config,
+            stopping_criteria=stopping,
+        )
+    new_tokens = out.sequences[:, len(prompt) :]
+    logits = torch.stack(out.logits, dim=1).float()  # (rows, steps, vocab)
+    token_logprobs = logits.log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+    sequences = [
+        _truncate(
+            new_tokens[row].tolist(),
+            token_logprobs[row].tolist(),
+            stop_ids,
+            stop_strings,
+            tokenizer,
+        )
+        for row in range(new_tokens.shape[0])
+    ]
+    if greedy:  # one greedy pass serves every requested sample
+        return [replace(sequences[0], tokens=list(sequences[0].tokens)) for _ in range(num_samples)]
+    return sequences

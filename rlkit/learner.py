@@ -1,0 +1,227 @@
+"""The machine half behind a training client: base model + adapter + optimizer on one device.
+
+All methods here are synchronous and run on the client's single worker thread, which is what
+orders them; nothing in this file is thread-safe on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from rlkit import adapters, models
+from rlkit.batch import Sequence, microbatches, pad, to_sequences
+from rlkit.engines import hf
+from rlkit.errors import NoGradientsError, RlkitError
+from rlkit.losses import get_loss
+from rlkit.types import (
+    AdamParams,
+    ForwardBackwardOutput,
+    OptimStepResponse,
+    SampledSequence,
+    SamplingParams,
+    TensorData,
+)
+
+STATE_FILE = "rlkit_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Learner:
+    def __init__(
+        self,
+        base_model: str,
+        spec: adapters.AdapterSpec,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        tokens_per_microbatch: int = 8192,
+    ) -> None:
+        self.base_model = base_model
+        self.spec = spec
+        self.device = torch.device(device) if device is not None else default_device()
+        self.tokens_per_microbatch = tokens_per_microbatch
+        self.tokenizer = models.load_tokenizer(base_model)  # cheap: fails fast on a bad name
+        base = models.load_model(base_model, dtype=dtype, device=self.device)
+        self.model = adapters.attach(base, spec)
+        self.params = adapters.trainable_parameters(self.model)
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        # lr and betas are set from AdamParams at every step.
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=0.0)
+        self.step = 0
+        self.pending_datums = 0  # datums whose gradients wait for the next optim_step
+
+    # ---- forward / backward -------------------------------------------------------------
+    def _logprobs(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        tokens, targets, mask = (t.to(self.device) for t in pad(seqs, self.tokenizer.pad_token_id))
+        logits = self.model(input_ids=tokens, attention_mask=mask).logits.float()
+        flat = -torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), reduction="none"
+        )
+        per_token = flat.view(targets.shape)
+        return [per_token[row, : s.length] for row, s in enumerate(seqs)]
+
+    def forward(self, datums, loss_fn: str, loss_fn_config: dict | None, backward: bool):
+        spec = get_loss(loss_fn)
+        config = spec.resolve_config(loss_fn, loss_fn_config)
+        seqs = to_sequences(datums, spec, loss_fn, self.vocab_size)
+        outputs: list[dict[str, TensorData]] = [{} for _ in seqs]
+        total = 0.0
+        self.model.train(backward)
+        for group in microbatches(seqs, self.tokens_per_microbatch):
+            with torch.set_grad_enabled(backward):
+                logprobs = self._logprobs([seqs[i] for i in group])
+                losses = []
+                for i, lp in zip(group, logprobs, strict=True):
+                    inputs = {k: v.to(self.device) for k, v in seqs[i].inputs.items()}
+                    elementwise = spec.fn(lp, inputs, **config)
+                    losses.append(elementwise.sum())
+                    outputs[i] = {
+                        "logprobs": TensorData.from_torch(lp.float()),
+                        "elementwise_loss": TensorData.from_torch(elementwise.float()),
+                    }
+                loss = torch.stack(losses).sum()
+            if backward:
+                loss.backward()
+            total += float(loss.detach())
+        if backward:
+            self.pending_datums += len(seqs)
+        return ForwardBackwardOutput(
+            loss_fn_output_type=loss_fn, loss_fn_outputs=outputs, metrics={"loss:sum": total}
+        )
+
+    def optim_step(self, adam: AdamParams) -> OptimStepResponse:
+        if self.pending_datums == 0:
+            raise NoGradientsError(
+                "optim_step called with no gradients accumulated: call forward_backward first"
+            )
+        params = list(self.params.values())
+        max_norm = adam.grad_clip_norm if adam.grad_clip_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.pending_datums = 0
+            raise RlkitError(f"gradient norm is {grad_norm}; step skipped and gradients cleared")
+        for group in self.optimizer.param_groups:
+            group.update(
+                lr=adam.learning_rate,
+                betas=(adam.beta1, adam.beta2),
+                eps=adam.eps,
+                weight_decay=adam.weight_decay,
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_datums = 0
+        self.step += 1
+        return OptimStepResponse(
+            metrics={"grad_norm": grad_norm, "learning_rate": adam.learning_rate}
+        )
+
+    # ---- weights for sampling -----------------------------------------------------------
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.params.items()}
+
+    @contextlib.contextmanager
+    def weights(self, snapshot: dict[str, torch.Tensor]):
+        """Run with `snapshot` loaded into the adapter, then put the live weights back."""
+        live = self.snapshot()
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(snapshot[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(live[name])
+
+    def sample(
+        self, snapshot, prompt: list[int], num_samples: int, params: SamplingParams, seed: int
+    ) -> list[SampledSequence]:
+        limit = self.model.config.max_position_embeddings - len(prompt)
+        max_tokens = params.max_tokens or limit
+        if max_tokens > limit:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                f"context of {self.model.config.max_position_embeddings} tokens"
+            )
+        self.model.eval()
+        with self.weights(snapshot):
+            return hf.sample(
+                self.model, self.tokenizer, prompt, num_samples, params, seed, max_tokens
+            )
+
+    @torch.no_grad()
+    def prompt_logprobs(self, snapshot, prompt: list[int]) -> list[float | None]:
+        self.model.eval()
+        seq = Sequence(
+            tokens=torch.tensor(prompt[:-1]), targets=torch.tensor(prompt[1:]), inputs={}
+        )
+        with self.weights(snapshot):
+            logprobs = self._logprobs([seq])[0] if len(prompt) > 1 else torch.empty(0)
+        return [None, *logprobs.tolist()]
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save(self, path: Path, with_optimizer: bool) -> Path:
+        """Write adapter (peft format, safetensors) [+ optimizer] to `path`, atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            # The base output layer is frozen: an adapter on it needs no copy of its weights.
+            self.model.save_pretrained(staging, save_embedding_layers=False)
+            if with_optimizer:
+                torch.save(self.optimizer.state_dict(), staging / OPTIMIZER_FILE)
+            state = {
+                "base_model": self.base_model,
+                "adapter": self.spec.to_dict(),
+                "step": self.step,
+            }
+            (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(staging, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return path
+
+    def load(self, path: Path, with_optimizer: bool) -> None:
+        state = read_state(path)
+        if state["base_model"] != self.base_model or state["adapter"]["rank"] != self.spec.rank:
+            raise RlkitError(
+                f"checkpoint {path} is for base_model={state['base_model']!r} "
+                f"rank={state['adapter']['rank']}, but this client has "
+                f"base_model={self.base_model!r} rank={self.spec.rank}"
+            )
+        weights = load_file(path / "adapter_model.safetensors", device=str(self.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        if result.unexpected_keys:
+            raise RlkitError(f"checkpoint {path} has unexpected tensors {result.unexpected_keys}")
+        if with_optimizer:
+            opt_file = path / OPTIMIZER_FILE
+            if not opt_file.exists():
+                raise RlkitError(f"checkpoint {path} has no optimizer state (saved for sampler?)")
+            self.optimizer.load_state_dict(
+                torch.load(opt_file, map_location=self.device, weights_only=True)
+            )
+        self.step = state["step"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_datums = 0
+
+
+def read_state(path: Path) -> dict:
+    """The rlkit metadata of a saved checkpoint directory; a clear error if it is not one."""
+    state_file = Path(path) / STATE_FILE
+    if not state_file.exists():
+        raise RlkitError(f"{path} is not an rlkit checkpoint (no {STATE_FILE})")
+    return json.loads(state_file.read_text())

@@ -1,0 +1,108 @@
+"""Loss registry: small pure functions over one sequence's per-token tensors.
+
+Semantics follow the hosted Tinker service: every loss is a *sum* over tokens (and over datums),
+never a mean. Each function gets `logprobs`, the learner's log-probability of each target token
+(shape (N,), differentiable), the datum's `loss_fn_inputs` as float tensors, and the resolved
+`loss_fn_config`; it returns the per-token loss. Notation in the formulas below:
+`ratio = exp(logprobs - inputs["logprobs"])`, the learner-to-sampler probability ratio.
+
+Add a loss with `@register_loss("name", inputs=(...), **config_defaults)`; a name registered twice
+is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from rlkit.errors import UnknownLossError
+
+LossFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    fn: LossFn
+    # loss_fn_inputs the loss reads, besides target_tokens (always required).
+    inputs: tuple[str, ...]
+    # loss_fn_config keys the loss accepts, with their defaults.
+    defaults: dict[str, float] = field(default_factory=dict)
+
+    def resolve_config(self, name: str, config: dict | None) -> dict[str, float]:
+        config = dict(config or {})
+        unknown = sorted(set(config) - set(self.defaults))
+        if unknown:
+            raise ValueError(
+                f"loss {name!r} got unknown loss_fn_config keys {unknown}; "
+                f"it accepts {sorted(self.defaults) or 'none'}"
+            )
+        return {**self.defaults, **{k: float(v) for k, v in config.items()}}
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, inputs: tuple[str, ...], **defaults: float):
+    def decorate(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+        LOSSES[name] = LossSpec(fn=fn, inputs=inputs, defaults=defaults)
+        return fn
+
+    return decorate
+
+
+def get_loss(name: str) -> LossSpec:
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise UnknownLossError(
+            f"unknown loss_fn {name!r}; known losses: {', '.join(sorted(LOSSES))}"
+        ) from None
+
+
+def _ratio(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor) -> torch.Tensor:
+    return torch.exp(logprobs - sampler_logprobs)
+
+
+@register_loss("cross_entropy", inputs=("weights",))
+def cross_entropy(logprobs, inputs):
+    """Supervised learning: -weights * logprobs (weights 0 mask out the prompt)."""
+    return -inputs["weights"] * logprobs
+
+
+@register_loss("importance_sampling", inputs=("logprobs", "advantages"))
+def importance_sampling(logprobs, inputs):
+    """REINFORCE corrected for the sampler: -ratio * advantages."""
+    return -_ratio(logprobs, inputs["logprobs"]) * inputs["advantages"]
+
+
+@register_loss(
+    "ppo", inputs=("logprobs", "advantages"), clip_low_threshold=0.8, clip_high_threshold=1.2
+)
+def ppo(logprobs, inputs, clip_low_threshold, clip_high_threshold):
+    """Clipped surrogate: -min(ratio * A, clip(ratio, low, high) * A), thresholds on the ratio."""
+    ratio = _ratio(logprobs, inputs["logprobs"])
+    advantages = inputs["advantages"]
+    clipped = ratio.clamp(clip_low_threshold, clip_high_threshold)
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
+@register_loss(
+    "cispo", inputs=("logprobs", "advantages"), clip_low_threshold=0.8, clip_high_threshold=1.2
+)
+def cispo(logprobs, inputs, clip_low_threshold, clip_high_threshold):
+    """Clipped IS weight as a constant coefficient: -sg(clip(ratio)) * logprobs * A."""
+    ratio = _ratio(logprobs, inputs["logprobs"])
+    weight = ratio.clamp(clip_low_threshold, clip_high_threshold).detach()
+    return -weight * logprobs * inputs["advantages"]
+
+
+# beta's default is rlkit's choice; the hosted service documents the key but not a default.
+@register_loss("dro", inputs=("logprobs", "advantages"), beta=0.05)
+def dro(logprobs, inputs, beta):
+    """Direct reward optimisation: -(logprobs * A - beta/2 * (logprobs - sampler_logprobs)^2)."""
+    drift = logprobs - inputs["logprobs"]
+    return -(logprobs * inputs["advantages"] - 0.5 * beta * drift.square())

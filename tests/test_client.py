@@ -1,0 +1,243 @@
+"""The Tinker-style API end to end on the built-in tiny model (real transformers + peft)."""
+
+import asyncio
+
+import pytest
+import torch
+
+import rlkit
+from rlkit import types
+from rlkit.examples import first_sft
+
+
+def sft_datums(tokenizer, n=4):
+    return [first_sft.make_datum(tokenizer, q, "foo") for q in first_sft.TRAIN_QUESTIONS[:n]]
+
+
+def rl_datum(tokenizer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = first_sft.make_datum(tokenizer, "Why?", "because")
+    n = d.model_input.length
+    return types.Datum(
+        d.model_input,
+        {
+            "target_tokens": d.loss_fn_inputs["target_tokens"],
+            "logprobs": -torch.rand(n, generator=g) * 3,
+            "advantages": torch.randn(n, generator=g),
+        },
+    )
+
+
+def test_first_sft_exercise_learns_foo():
+    """The tutorial's first exercise: loss < 10% of start, then `foo<|im_end|>` on unseen questions."""
+    result = first_sft.run(base_model="rlkit-tiny", steps=48, num_samples=8, verbose=False)
+    assert result.losses[-1] < 0.1 * result.losses[0], result.losses
+    outs = [s for samples in result.samples.values() for s in samples]
+    hits = sum(s == "foo<|im_end|>" for s in outs)
+    assert hits > len(outs) / 2, outs
+    assert result.logprobs_match_tokens
+
+
+def test_futures_complete_in_submission_order(trainer):
+    data = sft_datums(trainer.get_tokenizer())
+    before = trainer.forward(data, "cross_entropy")
+    fb = trainer.forward_backward(data, "cross_entropy")
+    step = trainer.optim_step(types.AdamParams(learning_rate=1e-2))
+    after = trainer.forward(data, "cross_entropy")
+    # The forward queued after optim_step sees the updated weights; the one before does not.
+    assert before.result().metrics["loss:sum"] == pytest.approx(fb.result().metrics["loss:sum"])
+    assert step.result().metrics["grad_norm"] > 0
+    assert after.result().metrics["loss:sum"] < before.result().metrics["loss:sum"]
+
+
+def test_async_twins(trainer):
+    data = sft_datums(trainer.get_tokenizer())
+
+    async def main():
+        fb = await trainer.forward_backward_async(data, "cross_entropy")
+        step = await trainer.optim_step_async(types.AdamParams(learning_rate=1e-3))
+        out = await fb.result_async()
+        await step
+        sampler = await trainer.save_weights_and_get_sampling_client_async()
+        prompt = types.ModelInput.from_ints([1, 2, 3])
+        response = await sampler.sample_async(prompt, 2, types.SamplingParams(max_tokens=3))
+        logprobs = await sampler.compute_logprobs_async(prompt)
+        return out, response, logprobs
+
+    out, response, logprobs = asyncio.run(main())
+    assert out.metrics["loss:sum"] > 0
+    assert len(response.sequences) == 2
+    assert logprobs[0] is None and len(logprobs) == 3
+
+
+def test_outputs_hold_one_logprob_per_target(trainer):
+    data = sft_datums(trainer.get_tokenizer(), n=3)
+    out = trainer.forward(data, "cross_entropy").result()
+    assert out.loss_fn_output_type == "cross_entropy"
+    for datum, o in zip(data, out.loss_fn_outputs, strict=True):
+        lp = o["logprobs"].tolist()
+        assert len(lp) == datum.model_input.length
+        assert all(x <= 0 for x in lp)
+    weights = torch.cat([d.loss_fn_inputs["weights"].to_torch() for d in data])
+    lps = torch.cat([o["logprobs"].to_torch() for o in out.loss_fn_outputs])
+    assert out.metrics["loss:sum"] == pytest.approx(float(-(weights * lps).sum()), rel=1e-5)
+
+
+def test_importance_sampling_gradient_through_the_model(trainer):
+    """forward_backward's gradients equal autograd of -(exp(lp - q) * A).sum() on the model."""
+    datum = rl_datum(trainer.get_tokenizer())
+    learner = trainer._learner
+    trainer.forward_backward([datum], "importance_sampling").result()
+    ours = {n: p.grad.clone() for n, p in learner.params.items()}
+    learner.optimizer.zero_grad(set_to_none=True)
+
+    tokens = torch.tensor([datum.model_input.to_ints()])
+    targets = datum.loss_fn_inputs["target_tokens"].to_torch()
+    q = datum.loss_fn_inputs["logprobs"].to_torch()
+    adv = datum.loss_fn_inputs["advantages"].to_torch()
+    logits = learner.model(input_ids=tokens).logits[0].float()
+    lp = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    (-(torch.exp(lp - q) * adv).sum()).backward()
+    for name, p in learner.params.items():
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in ours.values())
+
+
+def test_gradients_accumulate_until_optim_step(trainer):
+    data = sft_datums(trainer.get_tokenizer(), n=2)
+    params = trainer._learner.params
+    trainer.forward_backward(data, "cross_entropy").result()
+    once = {n: p.grad.clone() for n, p in params.items()}
+    trainer.forward_backward(data, "cross_entropy").result()
+    for n, p in params.items():
+        torch.testing.assert_close(p.grad, 2 * once[n])
+
+
+def test_save_load_state_reproduces_next_step_exactly(service, trainer):
+    data = sft_datums(trainer.get_tokenizer())
+    adam = types.AdamParams(learning_rate=1e-2)
+    for _ in range(3):
+        trainer.forward_backward(data, "cross_entropy")
+        trainer.optim_step(adam)
+    path = trainer.save_state("step3").result().path
+
+    def next_losses(client):
+        first = client.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
+        client.optim_step(adam).result()
+        second = client.forward(data, "cross_entropy").result().metrics["loss:sum"]
+        return first, second
+
+    expected = next_losses(trainer)
+    fresh = service.create_lora_training_client("rlkit-tiny", rank=8, seed=123)
+    fresh.load_state(path).result()
+    assert next_losses(fresh) == expected  # bit-for-bit, optimizer moments included
+
+    from_state = service.create_training_client_from_state_with_optimizer(path)
+    assert next_losses(from_state) == expected
+
+
+def test_load_state_refuses_a_different_base_or_rank(service, trainer):
+    path = trainer.save_state("s").result().path
+    other = service.create_lora_training_client("rlkit-tiny", rank=4)
+    with pytest.raises(rlkit.RlkitError, match="rank=8"):
+        other.load_state(path).result()
+
+
+def test_sampler_weights_round_trip(service, trainer):
+    data = sft_datums(trainer.get_tokenizer())
+    trainer.forward_backward(data, "cross_entropy")
+    trainer.optim_step(types.AdamParams(learning_rate=1e-2))
+    path = trainer.save_weights_for_sampler("final").result().path
+    prompt = types.ModelInput.from_ints(data[0].model_input.to_ints())
+    live = trainer.save_weights_and_get_sampling_client().compute_logprobs(prompt).result()
+    loaded = service.create_sampling_client(model_path=path).compute_logprobs(prompt).result()
+    assert live == loaded
+
+
+def test_sampling_client_is_frozen_at_creation(trainer):
+    data = sft_datums(trainer.get_tokenizer())
+    prompt = types.ModelInput.from_ints(data[0].model_input.to_ints())
+    sampler = trainer.save_weights_and_get_sampling_client()
+    before = sampler.compute_logprobs(prompt).result()
+    trainer.forward_backward(data, "cross_entropy")
+    trainer.optim_step(types.AdamParams(learning_rate=5e-2))
+    assert sampler.compute_logprobs(prompt).result() == before
+    newer = trainer.save_weights_and_get_sampling_client().compute_logprobs(prompt).result()
+    assert newer != before
+
+
+def test_sample_logprobs_match_a_trainer_forward(trainer):
+    sampler = trainer.save_weights_and_get_sampling_client()
+    prompt = [1, 87, 85, 71, 84, 201]
+    params = types.SamplingParams(max_tokens=12, temperature=1.0, seed=7)
+    seqs = sampler.sample(types.ModelInput.from_ints(prompt), 3, params).result().sequences
+    for seq in seqs:
+        assert len(seq.logprobs) == len(seq.tokens) > 0
+        scored = sampler.compute_logprobs(types.ModelInput.from_ints(prompt + seq.tokens)).result()
+        torch.testing.assert_close(
+            torch.tensor(scored[len(prompt) :]), torch.tensor(seq.logprobs), atol=1e-4, rtol=0
+        )
+
+
+def test_same_seed_same_tokens_and_stop_reasons(trainer):
+    sampler = trainer.save_weights_and_get_sampling_client()
+    prompt = types.ModelInput.from_ints([1, 87, 85])
+    params = types.SamplingParams(max_tokens=20, seed=11)
+    a = sampler.sample(prompt, 4, params).result()
+    b = sampler.sample(prompt, 4, params).result()
+    c = sampler.sample(prompt, 4, types.SamplingParams(max_tokens=20, seed=12)).result()
+    assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+    assert [s.tokens for s in a.sequences] != [s.tokens for s in c.sequences]
+    for s in a.sequences:
+        assert s.stop_reason in ("stop", "length")
+        assert (s.stop_reason == "length") == (len(s.tokens) == 20 and s.tokens[-1] != 2)
+
+
+def test_stop_strings_and_greedy(trainer):
+    tok = trainer.get_tokenizer()
+    sampler = trainer.save_weights_and_get_sampling_client()
+    prompt = types.ModelInput.from_ints(tok.encode("abc", add_special_tokens=False))
+    greedy = sampler.sample(prompt, 3, types.SamplingParams(max_tokens=30, temperature=0)).result()
+    assert len({tuple(s.tokens) for s in greedy.sequences}) == 1
+    text = tok.decode(greedy.sequences[0].tokens, skip_special_tokens=True)
+    assert len(text) >= 3, greedy
+    # Stop on a character the greedy text contains: the sequence ends right after it.
+    stop_char = text[2]
+    stopped = (
+        sampler.sample(
+            prompt, 1, types.SamplingParams(max_tokens=30, temperature=0, stop=[stop_char])
+        )
+        .result()
+        .sequences[0]
+    )
+    assert stopped.stop_reason == "stop"
+    assert tok.decode(stopped.tokens, skip_special_tokens=True).endswith(stop_char)
+    assert stop_char not in tok.decode(stopped.tokens[:-1], skip_special_tokens=True)
+
+
+def test_forward_backward_custom_matches_cross_entropy(service):
+    a = service.create_lora_training_client("rlkit-tiny", rank=8, seed=0)
+    b = service.create_lora_training_client("rlkit-tiny", rank=8, seed=0)
+    data = sft_datums(a.get_tokenizer(), n=2)
+
+    def weighted_nll(batch, logprobs):
+        loss = sum(
+            -(d.loss_fn_inputs["weights"].to_torch() * lp).sum()
+            for d, lp in zip(batch, logprobs, strict=True)
+        )
+        return loss, {"custom:sum": float(loss.detach())}
+
+    custom = a.forward_backward_custom(data, weighted_nll).result()
+    plain = b.forward_backward(data, "cross_entropy").result()
+    assert custom.metrics["loss:sum"] == pytest.approx(plain.metrics["loss:sum"], rel=1e-6)
+    for (_n, pa), pb in zip(a._learner.params.items(), b._learner.params.values(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_lora_layers_follow_train_flags(service):
+    attn_only = service.create_lora_training_client(
+        "rlkit-tiny", rank=4, train_mlp=False, train_unembed=False
+    )
+    names = list(attn_only._learner.params)
+    assert names and all("self_attn" in n for n in names)
+    assert attn_only.get_info().lora_rank == 4
