@@ -143,9 +143,18 @@ class ServiceClient:
         return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
 
     def create_training_client_from_state(
-        self, path: str, *, with_optimizer: bool = False, **_hosted_only: Any
+        self,
+        path: str,
+        base_model: str | None = None,
+        *,
+        with_optimizer: bool = False,
+        **_hosted_only: Any,
     ) -> TrainingClient:
         state = read_state(Path(path))
+        if base_model is not None and base_model != state["base_model"]:
+            raise ValueError(
+                f"checkpoint {path} is for base_model {state['base_model']!r}, not {base_model!r}"
+            )
         client = TrainingClient(
             self, self._learner(state["base_model"], AdapterSpec(**state["adapter"]))
         )
@@ -171,6 +180,22 @@ class ServiceClient:
 
     def get_server_capabilities(self) -> dict:
         return {"supported_models": [{"model_name": n} for n in sorted(models.BUILTIN_MODELS)]}
+
+    async def get_server_capabilities_async(self) -> dict:
+        return self.get_server_capabilities()
+
+    async def create_sampling_client_async(self, *args, **kwargs) -> SamplingClient:
+        return await asyncio.to_thread(self.create_sampling_client, *args, **kwargs)
+
+    async def create_training_client_from_state_async(self, *args, **kwargs) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state, *args, **kwargs)
+
+    async def create_training_client_from_state_with_optimizer_async(
+        self, *args, **kwargs
+    ) -> TrainingClient:
+        return await asyncio.to_thread(
+            self.create_training_client_from_state_with_optimizer, *args, **kwargs
+        )
 
 
 class TrainingClient:
@@ -216,7 +241,7 @@ class TrainingClient:
         return self._worker.submit(self._learner.forward, data, loss_fn, loss_fn_config, True)
 
     def forward_backward_custom(
-        self, data: list[Datum], loss_fn: Callable
+        self, data: list[Datum], loss_fn: Callable, **_hosted_only: Any
     ) -> APIFuture[ForwardBackwardOutput]:
         """Any differentiable `loss_fn(data, logprobs_list) -> (loss, metrics)` on logprobs.
 
@@ -246,8 +271,11 @@ class TrainingClient:
         out.metrics = {**out.metrics, **metrics, "loss:sum": float(loss.detach())}
         return out
 
-    def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
-        return self._worker.submit(self._learner.optim_step, adam_params or AdamParams())
+    def optim_step(
+        self, optim_params: AdamParams | None = None, *, adam_params: AdamParams | None = None
+    ) -> APIFuture[OptimStepResponse]:
+        params = _coerce_adam_params(optim_params or adam_params)
+        return self._worker.submit(self._learner.optim_step, params)
 
     # ---- checkpoints --------------------------------------------------------------------
     def _path(self, kind: str, name: str) -> Path:
@@ -255,23 +283,29 @@ class TrainingClient:
             raise ValueError(f"checkpoint name must be a plain file name, got {name!r}")
         return self.service.checkpoint_dir / self.model_id / kind / name
 
-    def save_state(self, name: str) -> APIFuture[SaveWeightsResponse]:
+    def save_state(self, name: str, **_hosted_only: Any) -> APIFuture[SaveWeightsResponse]:
         path = self._path("weights", name)
         return self._worker.submit(
             lambda: SaveWeightsResponse(str(self._learner.save(path, with_optimizer=True)))
         )
 
-    def load_state(self, path: str, with_optimizer: bool = True) -> APIFuture[LoadWeightsResponse]:
+    def load_state(
+        self, path: str, with_optimizer: bool = True, **_hosted_only: Any
+    ) -> APIFuture[LoadWeightsResponse]:
         def load() -> LoadWeightsResponse:
             self._learner.load(Path(path), with_optimizer=with_optimizer)
             return LoadWeightsResponse(str(path))
 
         return self._worker.submit(load)
 
-    def load_state_with_optimizer(self, path: str) -> APIFuture[LoadWeightsResponse]:
+    def load_state_with_optimizer(
+        self, path: str, **_hosted_only: Any
+    ) -> APIFuture[LoadWeightsResponse]:
         return self.load_state(path, with_optimizer=True)
 
-    def save_weights_for_sampler(self, name: str) -> APIFuture[SaveWeightsForSamplerResponse]:
+    def save_weights_for_sampler(
+        self, name: str, **_hosted_only: Any
+    ) -> APIFuture[SaveWeightsForSamplerResponse]:
         path = self._path("sampler_weights", name)
         return self._worker.submit(
             lambda: SaveWeightsForSamplerResponse(
@@ -279,7 +313,12 @@ class TrainingClient:
             )
         )
 
-    def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
+    def create_sampling_client(self, model_path: str, **_hosted_only: Any) -> SamplingClient:
+        return self.service.create_sampling_client(model_path=model_path)
+
+    def save_weights_and_get_sampling_client(
+        self, name: str | None = None, **_hosted_only: Any
+    ) -> SamplingClient:
         """A sampler over the weights as they are once every call queued before this has run."""
         snapshot = self._worker.submit(self._learner.snapshot).result()
         if name is not None:
@@ -315,6 +354,9 @@ class TrainingClient:
     async def save_weights_and_get_sampling_client_async(self, *args, **kwargs):
         return await asyncio.to_thread(self.save_weights_and_get_sampling_client, *args, **kwargs)
 
+    async def create_sampling_client_async(self, *args, **kwargs):
+        return await asyncio.to_thread(self.create_sampling_client, *args, **kwargs)
+
 
 class SamplingClient:
     """Samples from a frozen copy of the adapter weights, taken when it was created."""
@@ -331,6 +373,9 @@ class SamplingClient:
     def get_base_model(self) -> str:
         return self._worker.learner.base_model
 
+    async def get_base_model_async(self) -> str:
+        return self.get_base_model()
+
     def _request_seed(self, seed: int | None) -> int:
         if seed is not None:
             return seed
@@ -344,8 +389,9 @@ class SamplingClient:
         num_samples: int = 1,
         sampling_params: SamplingParams | None = None,
         include_prompt_logprobs: bool = False,
-        **_hosted_only: Any,
+        **unsupported: Any,
     ) -> APIFuture[SampleResponse]:
+        _refuse_unsupported("sample", unsupported)
         tokens = to_token_list(prompt)
         if not tokens:
             raise ValueError("sample() got an empty prompt")
@@ -370,12 +416,47 @@ class SamplingClient:
     async def sample_async(self, *args, **kwargs) -> SampleResponse:
         return await self.sample(*args, **kwargs)
 
-    def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
+    def compute_logprobs(
+        self, prompt: ModelInput, **unsupported: Any
+    ) -> APIFuture[list[float | None]]:
+        _refuse_unsupported("compute_logprobs", unsupported)
         tokens = to_token_list(prompt)
         return self._worker.submit(self._worker.learner.prompt_logprobs, self._snapshot, tokens)
 
-    async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
-        return await self.compute_logprobs(prompt)
+    async def compute_logprobs_async(self, *args, **kwargs) -> list[float | None]:
+        return await self.compute_logprobs(*args, **kwargs)
+
+
+# Hosted-only sampling options: accepted at their "off" value, refused otherwise.
+_UNSUPPORTED_OFF = {
+    "topk_prompt_logprobs": 0,
+    "topk_sample_logprobs": 0,
+    "target_prompt_logprobs": None,
+    "prompt_alt_tokens_k": 0,
+    "prompt_logprobs_last_n": None,
+    "retry_config": None,
+    "record_stability_info": False,
+}
+
+
+def _refuse_unsupported(method: str, kwargs: dict) -> None:
+    for key, value in kwargs.items():
+        if key not in _UNSUPPORTED_OFF:
+            raise TypeError(f"{method}() got an unexpected keyword argument {key!r}")
+        if value != _UNSUPPORTED_OFF[key] and key not in ("retry_config", "record_stability_info"):
+            raise NotImplementedError(
+                f"{method}({key}={value!r}) is not supported by rlkit's local sampler yet"
+            )
+
+
+def _coerce_adam_params(params: Any) -> AdamParams:
+    """Our AdamParams from ours, the hosted SDK's, or None (defaults); validated either way."""
+    if params is None:
+        return AdamParams()
+    if isinstance(params, AdamParams):
+        return params
+    fields = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
+    return AdamParams(**{f: getattr(params, f) for f in fields if hasattr(params, f)})
 
 
 def _coerce_sampling_params(params: Any) -> SamplingParams:
