@@ -1,9 +1,9 @@
 """The local, Tinker-style client API: ServiceClient -> TrainingClient -> SamplingClient.
 
 Names, arguments and return types follow the hosted Tinker SDK, so `import rlkit as tinker`
-runs code written for it. Work runs on one worker thread per model, so calls complete in the
-order they were submitted (a forward_backward submitted before an optim_step is applied before
-it), and futures are returned at once so callers can queue work ahead.
+runs code written for it. Calls on one model are serialized and complete in the order they
+were submitted (a forward_backward submitted before an optim_step is applied before it); each
+returns a future, as the hosted calls do.
 
 Differences from the hosted service, on purpose:
 - paths are local directories (under `ServiceClient(checkpoint_dir=...)`), not `tinker://` URIs;
@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -66,14 +67,26 @@ class APIFuture(Generic[T]):
 
 
 class _Worker:
-    """One thread that owns a Learner; submission order is execution order."""
+    """Owns a Learner and runs its work: at once, in the calling thread, one call at a time.
+
+    The returned future is already resolved (errors are raised by `.result()`, as from a
+    remote call), so submission order is execution order. Not a background thread on purpose:
+    measured on 2 CPU cores, torch ops in a second thread ran 2-3x slower than in the main one
+    (its OpenMP team competes with the main thread's spinning one).
+    """
 
     def __init__(self, learner: Learner) -> None:
         self.learner = learner
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlkit-model")
+        self._lock = threading.RLock()
 
     def submit(self, fn: Callable[..., T], *args, **kwargs) -> APIFuture[T]:
-        return APIFuture(self._pool.submit(fn, *args, **kwargs))
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except Exception as exc:
+                future.set_exception(exc)
+        return APIFuture(future)
 
 
 def _dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -323,8 +336,8 @@ class TrainingClient:
         snapshot = self._worker.submit(self._learner.snapshot).result()
         if name is not None:
             self.save_weights_for_sampler(name).result()
-        seed = (self._learner.spec.seed, next(self._sampler_seeds))
-        return SamplingClient(self._worker, snapshot, seed)
+        key = next(self._sampler_seeds)
+        return SamplingClient(self._worker, snapshot, key, (self._learner.spec.seed, key))
 
     # ---- async twins (each returns the same future as its sync twin) ----------------------
     async def forward_async(self, *args, **kwargs):
@@ -361,9 +374,10 @@ class TrainingClient:
 class SamplingClient:
     """Samples from a frozen copy of the adapter weights, taken when it was created."""
 
-    def __init__(self, worker: _Worker, snapshot: dict, seed: tuple[int, int]) -> None:
+    def __init__(self, worker: _Worker, snapshot: dict, key: int, seed: tuple[int, int]) -> None:
         self._worker = worker
         self._snapshot = snapshot
+        self._key = key  # identifies the snapshot, so the engine loads it once
         self._base_seed = seed
         self._calls = itertools.count()
 
@@ -405,9 +419,11 @@ class SamplingClient:
         learner = self._worker.learner
 
         def run() -> SampleResponse:
-            sequences = learner.sample(self._snapshot, tokens, num_samples, params, seed)
+            sequences = learner.sample(self._key, self._snapshot, tokens, num_samples, params, seed)
             prompt_lp = (
-                learner.prompt_logprobs(self._snapshot, tokens) if include_prompt_logprobs else None
+                learner.prompt_logprobs(self._key, self._snapshot, tokens)
+                if include_prompt_logprobs
+                else None
             )
             return SampleResponse(sequences=sequences, prompt_logprobs=prompt_lp)
 
@@ -421,7 +437,9 @@ class SamplingClient:
     ) -> APIFuture[list[float | None]]:
         _refuse_unsupported("compute_logprobs", unsupported)
         tokens = to_token_list(prompt)
-        return self._worker.submit(self._worker.learner.prompt_logprobs, self._snapshot, tokens)
+        return self._worker.submit(
+            self._worker.learner.prompt_logprobs, self._key, self._snapshot, tokens
+        )
 
     async def compute_logprobs_async(self, *args, **kwargs) -> list[float | None]:
         return await self.compute_logprobs(*args, **kwargs)

@@ -1,12 +1,11 @@
 """The machine half behind a training client: base model + adapter + optimizer on one device.
 
-All methods here are synchronous and run on the client's single worker thread, which is what
-orders them; nothing in this file is thread-safe on its own.
+All methods here are synchronous; the client serializes calls to them, and nothing in this file
+is thread-safe on its own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -61,6 +60,7 @@ class Learner:
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=0.0)
         self.step = 0
         self.pending_datums = 0  # datums whose gradients wait for the next optim_step
+        self._sampler: hf.SamplingModel | None = None  # built on first sample
 
     # ---- forward / backward -------------------------------------------------------------
     def _logprobs(self, seqs: list[Sequence]) -> list[torch.Tensor]:
@@ -132,22 +132,20 @@ class Learner:
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in self.params.items()}
 
-    @contextlib.contextmanager
-    def weights(self, snapshot: dict[str, torch.Tensor]):
-        """Run with `snapshot` loaded into the adapter, then put the live weights back."""
-        live = self.snapshot()
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(snapshot[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, p in self.params.items():
-                    p.copy_(live[name])
+    def _sampling_model(self, key: int, snapshot: dict[str, torch.Tensor]):
+        if self._sampler is None:
+            self._sampler = hf.SamplingModel(self.model)
+        self._sampler.load(key, snapshot)
+        return self._sampler.model
 
     def sample(
-        self, snapshot, prompt: list[int], num_samples: int, params: SamplingParams, seed: int
+        self,
+        key: int,
+        snapshot,
+        prompt: list[int],
+        num_samples: int,
+        params: SamplingParams,
+        seed: int,
     ) -> list[SampledSequence]:
         limit = self.model.config.max_position_embeddings - len(prompt)
         max_tokens = params.max_tokens or limit
@@ -156,20 +154,18 @@ class Learner:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                 f"context of {self.model.config.max_position_embeddings} tokens"
             )
-        self.model.eval()
-        with self.weights(snapshot):
-            return hf.sample(
-                self.model, self.tokenizer, prompt, num_samples, params, seed, max_tokens
-            )
+        model = self._sampling_model(key, snapshot)
+        return hf.sample(model, self.tokenizer, prompt, num_samples, params, seed, max_tokens)
 
     @torch.no_grad()
-    def prompt_logprobs(self, snapshot, prompt: list[int]) -> list[float | None]:
-        self.model.eval()
-        seq = Sequence(
-            tokens=torch.tensor(prompt[:-1]), targets=torch.tensor(prompt[1:]), inputs={}
-        )
-        with self.weights(snapshot):
-            logprobs = self._logprobs([seq])[0] if len(prompt) > 1 else torch.empty(0)
+    def prompt_logprobs(self, key: int, snapshot, prompt: list[int]) -> list[float | None]:
+        if len(prompt) < 2:
+            return [None] * len(prompt)
+        model = self._sampling_model(key, snapshot)
+        tokens = torch.tensor([prompt[:-1]], device=self.device)
+        logits = model(input_ids=tokens).logits[0].float()
+        targets = torch.tensor(prompt[1:], device=self.device)
+        logprobs = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
         return [None, *logprobs.tolist()]
 
     # ---- checkpoints --------------------------------------------------------------------
