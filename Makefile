@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 run: setup
-	$(BIN)/python -m rlkit.examples.sft_foo $(ARGS)
+	$(BIN)/python -m rlkit recipe=pair_sum $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)

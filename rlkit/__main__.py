@@ -1,0 +1,30 @@
+"""`python -m rlkit recipe=NAME [key=value ...]`: compose the config, validate it, train.
+
+`python -m rlkit --help` lists the config groups and their options; `--cfg job` prints the
+composed config without running.
+"""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from rlkit import config, plugins
+
+config.register()
+plugins.register_entry_points()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from rlkit.config import ConfigError, validate
+    from rlkit.trainer import run
+
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}") from None
+    run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

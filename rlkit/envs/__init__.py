@@ -1,0 +1,1 @@
+"""Environments: where problems come from. See `base.py` for the protocol."""

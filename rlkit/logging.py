@@ -1,0 +1,133 @@
+"""Run outputs: metrics.jsonl (one line per step, flushed), sample completions, curve plots,
+the console progress bar, and optional extra sinks such as Weights & Biases.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+
+console = Console(stderr=True)
+
+# Curves drawn in curves.png, in this order, when present.
+PLOT_KEYS = (
+    "reward/mean",
+    "train/accuracy",
+    "eval/accuracy",
+    "train/completion_tokens",
+    "train/frac_skipped_groups",
+    "train/entropy",
+    "train/loss",
+    "time/step",
+)
+
+
+class MetricsWriter:
+    """Appends one JSON line per record and flushes it, so a crash loses nothing written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        # NaN and inf are not JSON: a metric with no value this step is written as null.
+        clean = {
+            k: v if not isinstance(v, float) or math.isfinite(v) else None
+            for k, v in record.items()
+        }
+        self._file.write(json.dumps(clean, sort_keys=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict], path: Path, title: str = "") -> Path | None:
+    """One panel per metric in PLOT_KEYS that has any finite value."""
+    keys = [k for k in PLOT_KEYS if any(_finite(r.get(k)) for r in records)]
+    if not keys:
+        return None
+    cols = min(4, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        points = [(r["step"], r[key]) for r in records if _finite(r.get(key))]
+        ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        transient=False,
+    )
+
+
+class WandbLogger:
+    """Weights & Biases sink. Without WANDB_API_KEY (or with mode=offline) it runs offline and
+    says where the files went. The key is read by wandb from the environment, never written."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        run_config: dict,
+        project: str = "rlkit",
+        entity: str | None = None,
+        mode: str = "auto",
+    ) -> None:
+        import wandb
+
+        if mode not in ("auto", "online", "offline"):
+            raise ValueError(f"logger.mode must be auto, online or offline; got {mode!r}")
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        self.mode = mode
+        self._run = wandb.init(
+            project=project, entity=entity, mode=mode, dir=str(run_dir), config=run_config
+        )
+        if mode == "offline":
+            console.print(
+                f"wandb: offline (no WANDB_API_KEY); files in {self._run.dir} "
+                f"- upload later with `wandb sync {Path(self._run.dir).parent}`"
+            )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._run.finish()

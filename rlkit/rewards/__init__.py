@@ -1,0 +1,1 @@
+"""Reward functions. One per file; see `base.py` for the protocol."""

@@ -1,0 +1,105 @@
+"""Every config option composes and binds; bad configs fail before any model loads."""
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from rlkit.config import ConfigError, compose, options, validate
+
+GROUPS = ["model", "adapter", "env", "advantage", "loss", "engine", "optim", "warmup", "logger"]
+
+
+@pytest.mark.parametrize("recipe", options("recipe"))
+def test_every_recipe_composes_and_binds(recipe):
+    cfg = compose([f"recipe={recipe}"])
+    validate(cfg)
+    assert cfg.model.base_model
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"{g}={o}" for g in GROUPS for o in options(g)] + [f"reward=[{o}]" for o in options("reward")],
+)
+def test_every_option_composes_and_binds(override):
+    validate(compose(["recipe=pair_sum", override]))
+
+
+def test_every_field_has_a_comment_above_it():
+    import re
+
+    from rlkit.config import CONF_DIR
+
+    missing = []
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        previous, block_indent = "", None
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            indent = len(line) - len(line.lstrip())
+            if block_indent is not None and indent > block_indent:
+                continue  # the text of a `key: |` block scalar
+            block_indent = indent if line.rstrip().endswith(("|", "|-", ">")) else None
+            is_key = re.match(r"^\s*[\w.+-]+:", line) and not line.lstrip().startswith("defaults:")
+            if is_key and not previous.lstrip().startswith("#"):
+                missing.append(f"{path.relative_to(CONF_DIR)}:{number} {line.strip()}")
+            previous = line
+    assert not missing, "fields without a comment above them:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        (["optim.lrr=1"], ConfigCompositionException, "optim.lrr"),
+        (["+optim.lrr=1"], ConfigError, "unknown key 'optim.lrr'; optim has: lr,"),
+        (["+stepz=3"], ConfigError, "unknown key 'stepz'"),
+        (["optim.lr=abc"], ConfigCompositionException, "optim.lr=abc"),
+        (["reward=nonexistent"], MissingConfigException, "reward/nonexistent"),
+        (["group_size=0"], ConfigError, "group_size must be >= 1, got 0"),
+        (["optim.beta2=1.5"], ConfigError, r"optim.beta2 must be in \[0, 1\)"),
+        (["temperature=-1"], ConfigError, "temperature must be >= 0"),
+        (["loss.name=nope"], ConfigError, "unknown loss_fn 'nope'; known losses: cispo"),
+        (["loss.name=cross_entropy"], ConfigError, "not a policy-gradient loss"),
+        (
+            ["loss=ppo", "+loss.config.clip=0.1"],
+            ConfigError,
+            r"unknown loss_fn_config keys \['clip'\]",
+        ),
+        (
+            ["+env.hgh=3"],
+            ConfigError,
+            "env: rlkit.envs.pair_sum.PairSumEnv got an unexpected keyword argument 'hgh'",
+        ),
+        (
+            ["+reward.mine._target_=no.such.module.fn"],
+            ConfigError,
+            "cannot import 'no.such.module.fn'",
+        ),
+        (
+            ["advantage._target_=rlkit.advantages.nope"],
+            ConfigError,
+            "cannot import 'rlkit.advantages.nope'",
+        ),
+        (["model.dtype=float64"], ConfigError, "model.dtype must be"),
+        (["on_reward_error=ignore"], ConfigError, "on_reward_error must be 'raise' or 'skip'"),
+    ],
+)
+def test_bad_configs_fail_naming_the_key(overrides, error, message):
+    with pytest.raises(error) as info:
+        validate(compose(["recipe=pair_sum", *overrides]))
+    text = str(info.value) + str(info.value.__cause__ or "")
+    import re
+
+    assert re.search(message, text), text
+
+
+def test_type_errors_name_the_full_key():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["optim.lr=abc"])
+    assert "full_key: optim.lr" in str(info.value.__cause__)
+
+
+def test_reward_list_selects_several_options():
+    cfg = compose(["recipe=pair_sum", "reward=[format,correct,concise]"])
+    assert list(cfg.reward) == ["format", "correct", "concise"]
+    assert cfg.reward.concise.max_chars == 64
+    assert OmegaConf.select(cfg, "reward.format.weight") == 0.1

@@ -1,0 +1,296 @@
+"""The declarative trainer end to end: CLI, run outputs, plugins, reward errors, sweeps."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from safetensors.torch import load_file
+
+from rlkit.config import compose, validate
+from rlkit.rewards.base import RewardError
+from rlkit.trainer import run
+
+# A shortened pair_sum run on the tiny model: seconds, not minutes.
+FAST = [
+    "recipe=pair_sum",
+    "model=rlkit_tiny",
+    "adapter.rank=4",
+    "warmup.steps=2",
+    "warmup.batch_size=4",
+    "steps=3",
+    "groups_per_step=2",
+    "group_size=4",
+    "max_tokens=12",
+    "env.eval_size=4",
+    "eval_every=2",
+    "samples_every=1",
+    # Length varies even when answers are all wrong, so RL steps have a signal.
+    "reward=[format,correct,concise]",
+    "reward.concise.only_correct=false",
+]
+STEP_FIELDS = {
+    "step",
+    "reward/mean",
+    "reward/format",
+    "reward/correct",
+    "reward/concise",
+    "train/accuracy",
+    "train/completion_tokens",
+    "train/frac_skipped_groups",
+    "train/failed_reward_groups",
+    "train/entropy",
+    "train/logprob_mismatch",
+    "train/kl_sampler_trainer",
+    "train/loss",
+    "train/grad_norm",
+    "time/sample",
+    "time/score",
+    "time/train",
+    "time/sync",
+    "time/step",
+}
+
+
+def cli(args, cwd, extra_env=None, check=True):
+    env = {**os.environ, **(extra_env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlkit", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rlkit {args} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_shortened_pair_sum_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    cli([*FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["step"] >= 0 and "reward/mean" in r]
+    assert len(steps) == 3
+    for record in steps:
+        assert set(record) >= STEP_FIELDS, STEP_FIELDS - set(record)
+    assert any(r["train/loss"] is not None for r in steps), "no RL update happened"
+    evals = [r["eval/accuracy"] for r in records if "eval/accuracy" in r]
+    assert len(evals) == 3  # steps 0, 2 and the final one
+
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    b_matrices = [t for name, t in adapter.items() if "lora_B" in name]
+    assert b_matrices and any(t.abs().sum() > 0 for t in b_matrices)  # B starts at zero
+
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    assert "base_model: rlkit-tiny" in (run_dir / "config.yaml").read_text()
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"step", "prompt", "answer", "completion"} <= set(samples[0])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3
+
+
+def test_help_lists_groups(tmp_path):
+    out = cli(["--help"], cwd=tmp_path).stdout
+    for group in ("reward:", "advantage:", "loss:", "model:", "recipe:"):
+        assert group in out, out
+
+
+def test_bad_config_fails_before_loading_a_model(tmp_path):
+    proc = cli(
+        ["recipe=pair_sum", "group_size=0", f"hydra.run.dir={tmp_path}/r"], tmp_path, check=False
+    )
+    assert proc.returncode != 0
+    assert "config error: group_size must be >= 1, got 0" in proc.stderr
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+PLUGIN = textwrap.dedent(
+    """
+    def has_digit_seven(completions, problem, bonus=1.0):
+        return [bonus * ("7" in c) for c in completions]
+    """
+)
+
+
+def _plugin_package(root):
+    (root / "myrewards").mkdir(parents=True)
+    (root / "myrewards" / "__init__.py").write_text(PLUGIN)
+    return root
+
+
+def test_plugin_reward_by_target_override(tmp_path):
+    pkg = _plugin_package(tmp_path / "src")
+    run_dir = tmp_path / "run"
+    cli(
+        [
+            *FAST,
+            "+reward.seven._target_=myrewards.has_digit_seven",
+            "+reward.seven.weight=0.5",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        extra_env={"PYTHONPATH": str(pkg)},
+    )
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
+    assert "reward/seven" in first
+
+
+def test_plugin_reward_by_yaml_in_own_config_dir(tmp_path):
+    pkg = _plugin_package(tmp_path / "src")
+    (tmp_path / "myconf" / "reward").mkdir(parents=True)
+    (tmp_path / "myconf" / "reward" / "seven.yaml").write_text(
+        "seven:\n  _target_: myrewards.has_digit_seven\n  weight: 0.5\n  bonus: 2.0\n"
+    )
+    run_dir = tmp_path / "run"
+    overrides = [o for o in FAST if not o.startswith("reward")]
+    cli(
+        [
+            *overrides,
+            "reward=[correct,seven]",
+            f"hydra.searchpath=[file://{tmp_path / 'myconf'}]",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        extra_env={"PYTHONPATH": str(pkg)},
+    )
+    config = (run_dir / "config.yaml").read_text()
+    assert "bonus: 2.0" in config
+    assert "reward/seven" in (run_dir / "metrics.jsonl").read_text()
+
+
+def test_plugin_reward_from_installed_entry_point(tmp_path):
+    site = _plugin_package(tmp_path / "site")
+    dist = site / "myrewards-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myrewards\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[rlkit.rewards]\nseven = myrewards:has_digit_seven\n")
+    run_dir = tmp_path / "run"
+    overrides = [o for o in FAST if not o.startswith("reward")]
+    cli(
+        [*overrides, "reward=[correct,seven]", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        extra_env={"PYTHONPATH": str(site)},
+    )
+    assert "reward/seven" in (run_dir / "metrics.jsonl").read_text()
+
+
+BAD_REWARDS = textwrap.dedent(
+    """
+    def raises(completions, problem):
+        raise ZeroDivisionError("boom")
+
+    def nan(completions, problem):
+        return [float("nan")] * len(completions)
+
+    def too_few(completions, problem):
+        return [1.0]
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        ("raises", "reward 'bad' raised ZeroDivisionError: boom"),
+        ("nan", "reward 'bad' returned non-finite or non-numeric"),
+        ("too_few", "reward 'bad' returned 1 values for 4 completions"),
+    ],
+)
+def test_broken_reward_is_a_clear_error(tmp_path, monkeypatch, fn, message):
+    (tmp_path / "badrewards.py").write_text(BAD_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = compose([*FAST, f"+reward.bad._target_=badrewards.{fn}"])
+    validate(cfg)
+    with pytest.raises(RewardError, match=message):
+        run(cfg, tmp_path / "run")
+
+
+def test_broken_reward_can_skip_its_groups(tmp_path, monkeypatch):
+    (tmp_path / "badrewards.py").write_text(BAD_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = compose([*FAST, "+reward.bad._target_=badrewards.raises", "on_reward_error=skip"])
+    run(cfg, tmp_path / "run")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    failed = [r["train/failed_reward_groups"] for r in records if "train/failed_reward_groups" in r]
+    assert failed == [2, 2, 2]
+
+
+def test_sweep_writes_summary_table_and_plot(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = cli(
+        ["-m", *FAST, "optim.lr=1e-4,3e-4", "seed=0,1", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path,
+    )
+    table = (sweep_dir / "sweep_summary.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 4
+    assert all(("optim.lr=" in row and "seed=" in row) for row in rows)
+    assert (sweep_dir / "sweep_curves.png").stat().st_size > 1000
+    assert "sweep summary" in proc.stderr
+
+
+def test_wandb_offline_without_key_and_key_never_written(tmp_path):
+    run_dir = tmp_path / "run"
+    secret = "test-secret-key-0123456789"
+    env = {"WANDB_API_KEY": "", "WANDB_SILENT": "true"}
+    proc = cli([*FAST, "logger=wandb", f"hydra.run.dir={run_dir}"], cwd=tmp_path, extra_env=env)
+    assert "wandb: offline" in proc.stderr
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+    run_dir2 = tmp_path / "run2"
+    env = {"WANDB_API_KEY": secret, "WANDB_SILENT": "true"}
+    cli(
+        [*FAST, "logger=wandb", "logger.mode=offline", f"hydra.run.dir={run_dir2}"],
+        cwd=tmp_path,
+        extra_env=env,
+    )
+    for path in run_dir2.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_recipes_work_from_an_installed_wheel(tmp_path):
+    """The configs ship inside the wheel: `python -m rlkit` works away from the source tree."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(root),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = (tmp_path / "dist").glob("rlkit-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    assert (site / "rlkit" / "conf" / "recipe" / "pair_sum.yaml").exists()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import rlkit; print(rlkit.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert where.stdout.startswith(str(site))
+    out = cli(["recipe=pair_sum", "--cfg", "job"], cwd=tmp_path, extra_env=env).stdout
+    assert "base_model: rlkit-small" in out
