@@ -22,7 +22,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,22 @@ from rlkit.config import import_target
 from rlkit.envs.base import Problem
 from rlkit.logging import MetricsWriter, console, plot_curves, progress_bar, read_jsonl
 from rlkit.rewards.base import RewardError, WeightedReward, parse_answer, score_group
+
+
+@dataclass
+class Run:
+    """What stays fixed for a whole run: the parts built from the config, and the outputs."""
+
+    cfg: DictConfig
+    env: object
+    rng: random.Random
+    trainer: rlkit.TrainingClient
+    tokenizer: object
+    rewards: list[WeightedReward]
+    advantage_fn: Callable
+    adam: types.AdamParams
+    params: types.SamplingParams
+    samples_out: MetricsWriter
 
 
 @dataclass
@@ -139,7 +155,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     env = instantiate(cfg.env)
     rewards = build_rewards(cfg.reward)
     advantage_fn = as_callable(cfg.advantage)
-    loss_config = OmegaConf.to_container(cfg.loss.config)
     sinks = []
     if cfg.logger:
         runtime = {"run_dir": str(run_dir), "run_config": _plain(cfg)}
@@ -191,6 +206,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             {"step": -1, "sft/final_loss": losses[-1], "time/warmup": time.time() - t0}
         )
 
+    ctx = Run(cfg, env, rng, trainer, tokenizer, rewards, advantage_fn, adam, params, samples_out)
     sampler = trainer.save_weights_and_get_sampling_client()
     history: list[dict] = []
     with progress_bar() as bar:
@@ -203,23 +219,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 history.append(metrics)
                 metrics_out.write(metrics)
                 break
-            metrics.update(
-                rl_step(
-                    cfg,
-                    env,
-                    rng,
-                    trainer,
-                    sampler,
-                    tokenizer,
-                    rewards,
-                    advantage_fn,
-                    loss_config,
-                    adam,
-                    params,
-                    step,
-                    samples_out,
-                )
-            )
+            metrics.update(rl_step(ctx, sampler, step))
             t = time.time()
             sampler = trainer.save_weights_and_get_sampling_client()
             metrics["time/sync"] = time.time() - t
@@ -244,25 +244,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     return summarize(history, run_dir)
 
 
-def rl_step(
-    cfg,
-    env,
-    rng,
-    trainer,
-    sampler,
-    tokenizer,
-    rewards,
-    advantage_fn,
-    loss_config,
-    adam,
-    params,
-    step,
-    samples_out,
-) -> dict[str, float]:
+def rl_step(ctx: Run, sampler, step: int) -> dict[str, float]:
+    """One step: sample, score, compute advantages, train. Returns the step's metrics."""
+    cfg, tokenizer, rewards = ctx.cfg, ctx.tokenizer, ctx.rewards
     metrics: dict[str, float] = {}
     t = time.time()
-    problems_P = env.sample(rng, cfg.groups_per_step)
-    groups_P = sample_groups(sampler, tokenizer, problems_P, cfg.group_size, params)
+    problems_P = ctx.env.sample(ctx.rng, cfg.groups_per_step)
+    groups_P = sample_groups(sampler, tokenizer, problems_P, cfg.group_size, ctx.params)
     metrics["time/sample"] = time.time() - t
 
     t = time.time()
@@ -282,7 +270,7 @@ def rl_step(
         if torch.all(rewards_G == rewards_G[0]):
             skipped += 1
             continue
-        advantages_G = advantage_fn(rewards_G)
+        advantages_G = ctx.advantage_fn(rewards_G)
         datums_D += group_datums(group, advantages_G)
     metrics["time/score"] = time.time() - t
 
@@ -303,7 +291,7 @@ def rl_step(
     if step % cfg.samples_every == 0:
         for g in groups_P[:2]:
             for completion in g.completions[:2]:
-                samples_out.write(
+                ctx.samples_out.write(
                     {
                         "step": step,
                         "prompt": g.problem.messages[-1]["content"],
@@ -316,8 +304,9 @@ def rl_step(
     metrics.update(dict.fromkeys(TRAIN_KEYS))
     t = time.time()
     if datums_D:
-        fwd_bwd = trainer.forward_backward(datums_D, cfg.loss.name, loss_config)
-        optim = trainer.optim_step(adam)
+        loss_config = OmegaConf.to_container(cfg.loss.config)
+        fwd_bwd = ctx.trainer.forward_backward(datums_D, cfg.loss.name, loss_config)
+        optim = ctx.trainer.optim_step(ctx.adam)
         out = fwd_bwd.result()
         metrics["train/loss"] = out.metrics["loss:sum"]
         metrics["train/grad_norm"] = optim.result().metrics["grad_norm"]

@@ -13,7 +13,7 @@ import argparse
 from dataclasses import dataclass
 
 import rlkit as tinker
-from rlkit import types
+from rlkit import sft, types
 
 TRAIN_QUESTIONS = [
     "What is the capital of France?",
@@ -47,15 +47,9 @@ def prompt_tokens(tokenizer, question: str) -> list[int]:
 
 
 def make_datum(tokenizer, question: str, answer: str) -> types.Datum:
-    """Shift prompt+completion by one; only completion tokens (and end-of-turn) carry weight."""
-    prompt = prompt_tokens(tokenizer, question)
-    completion = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-    tokens = prompt + completion
-    weights = [0.0] * (len(prompt) - 1) + [1.0] * len(completion)
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
-    )
+    """Prompt + answer shifted by one; weights are 0 on the prompt, 1 on the answer and its
+    end-of-turn token (see `rlkit.sft.completion_datum`)."""
+    return sft.completion_datum(tokenizer, prompt_tokens(tokenizer, question), answer)
 
 
 @dataclass
