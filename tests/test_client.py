@@ -241,3 +241,31 @@ def test_lora_layers_follow_train_flags(service):
     names = list(attn_only._learner.params)
     assert names and all("self_attn" in n for n in names)
     assert attn_only.get_info().lora_rank == 4
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_sampler_matches_trainer_after_training(service, use_dora):
+    """The sampler serves a merged copy; its logprobs equal the trainer's LoRA forward pass."""
+    trainer = service.create_lora_training_client("rlkit-tiny", rank=8, use_dora=use_dora)
+    data = sft_datums(trainer.get_tokenizer(), n=2)
+    for _ in range(3):
+        trainer.forward_backward(data, "cross_entropy")
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2))
+    sampler = trainer.save_weights_and_get_sampling_client()
+    prompt = data[0].model_input.to_ints()[:20]
+    seq = (
+        sampler.sample(
+            types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=10, seed=1)
+        )
+        .result()
+        .sequences[0]
+    )
+    tokens = prompt + seq.tokens
+    datum = types.Datum(
+        types.ModelInput.from_ints(tokens[:-1]),
+        {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
+    trainer_lp = trainer.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+    torch.testing.assert_close(
+        trainer_lp.to_torch()[len(prompt) - 1 :], torch.tensor(seq.logprobs), atol=1e-4, rtol=0
+    )
