@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import os
 import threading
@@ -287,7 +288,7 @@ class TrainingClient:
     def optim_step(
         self, optim_params: AdamParams | None = None, *, adam_params: AdamParams | None = None
     ) -> APIFuture[OptimStepResponse]:
-        params = _coerce_adam_params(optim_params or adam_params)
+        params = _coerce(AdamParams, optim_params or adam_params)
         return self._worker.submit(self._learner.optim_step, params)
 
     # ---- checkpoints --------------------------------------------------------------------
@@ -411,7 +412,7 @@ class SamplingClient:
             raise ValueError("sample() got an empty prompt")
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        params = _coerce_sampling_params(sampling_params)
+        params = _coerce(SamplingParams, sampling_params)
         vocab = self._worker.learner.vocab_size
         if bad := [t for t in tokens if not 0 <= t < vocab]:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
@@ -452,36 +453,32 @@ _UNSUPPORTED_OFF = {
     "target_prompt_logprobs": None,
     "prompt_alt_tokens_k": 0,
     "prompt_logprobs_last_n": None,
-    "retry_config": None,
-    "record_stability_info": False,
 }
+# Hosted-only options about the connection: meaningless locally, ignored whatever their value.
+_IGNORED = {"retry_config", "record_stability_info"}
 
 
 def _refuse_unsupported(method: str, kwargs: dict) -> None:
     for key, value in kwargs.items():
+        if key in _IGNORED:
+            continue
         if key not in _UNSUPPORTED_OFF:
             raise TypeError(f"{method}() got an unexpected keyword argument {key!r}")
-        if value != _UNSUPPORTED_OFF[key] and key not in ("retry_config", "record_stability_info"):
+        if value != _UNSUPPORTED_OFF[key]:
             raise NotImplementedError(
                 f"{method}({key}={value!r}) is not supported by rlkit's local sampler yet"
             )
 
 
-def _coerce_adam_params(params: Any) -> AdamParams:
-    """Our AdamParams from ours, the hosted SDK's, or None (defaults); validated either way."""
-    if params is None:
-        return AdamParams()
-    if isinstance(params, AdamParams):
-        return params
-    fields = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
-    return AdamParams(**{f: getattr(params, f) for f in fields if hasattr(params, f)})
+P = TypeVar("P", AdamParams, SamplingParams)
 
 
-def _coerce_sampling_params(params: Any) -> SamplingParams:
-    """Our SamplingParams, built from ours, the hosted SDK's, or None (defaults)."""
+def _coerce(cls: type[P], params: Any) -> P:
+    """`cls` built from ours, the hosted SDK's twin (same field names), or None (defaults);
+    validated either way."""
     if params is None:
-        return SamplingParams()
-    if isinstance(params, SamplingParams):
+        return cls()
+    if isinstance(params, cls):
         return params
-    fields = ("max_tokens", "seed", "stop", "temperature", "top_k", "top_p")
-    return SamplingParams(**{f: getattr(params, f) for f in fields if hasattr(params, f)})
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{n: getattr(params, n) for n in names if hasattr(params, n)})
