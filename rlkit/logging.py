@@ -60,14 +60,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def plot_curves(records: list[dict], path: Path, title: str = "") -> Path | None:
     """One panel per metric in PLOT_KEYS that has any finite value."""
-    keys = [k for k in PLOT_KEYS if any(_finite(r.get(k)) for r in records)]
+    keys = [k for k in PLOT_KEYS if any(finite(r.get(k)) for r in records)]
     if not keys:
         return None
     cols = min(4, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
-        points = [(r["step"], r[key]) for r in records if _finite(r.get(key))]
+        points = [(r["step"], r[key]) for r in records if finite(r.get(key))]
         ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None)
         ax.set_title(key)
         ax.set_xlabel("step")
@@ -82,7 +82,8 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> Path | None
     return path
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
+    """A real number that is neither NaN nor infinite (None and strings are not)."""
     return isinstance(value, int | float) and math.isfinite(value)
 
 

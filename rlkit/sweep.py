@@ -20,7 +20,7 @@ import yaml  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from rlkit.logging import console, read_jsonl  # noqa: E402
+from rlkit.logging import console, finite, read_jsonl  # noqa: E402
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -47,7 +47,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def _num(value) -> float:
-    return value if isinstance(value, int | float) and math.isfinite(value) else -math.inf
+    return value if finite(value) else -math.inf
 
 
 def write_table(runs: list[dict], path: Path) -> None:

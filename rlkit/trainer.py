@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import random
 import shutil
@@ -34,7 +35,7 @@ import rlkit
 from rlkit import sft, types
 from rlkit.config import import_target
 from rlkit.envs.base import Problem
-from rlkit.logging import MetricsWriter, console, plot_curves, progress_bar, read_jsonl
+from rlkit.logging import MetricsWriter, console, finite, plot_curves, progress_bar
 from rlkit.rewards.base import RewardError, WeightedReward, parse_answer, score_group
 
 
@@ -236,9 +237,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     samples_out.close()
     adapter = trainer.save_weights_for_sampler("final").result().path
     shutil.copytree(adapter, run_dir / "adapter", dirs_exist_ok=True)
-    plot_curves(
-        read_jsonl(run_dir / "metrics.jsonl"), run_dir / "curves.png", title=str(run_dir.name)
-    )
+    plot_curves(history, run_dir / "curves.png", title=str(run_dir.name))
     for sink in sinks:
         sink.close()
     return summarize(history, run_dir)
@@ -328,7 +327,7 @@ def _status(metrics: dict, history: list[dict]) -> str:
 
 def summarize(history: list[dict], run_dir: Path) -> dict[str, float]:
     evals = [h for h in history if "eval/accuracy" in h]
-    rewards = [h["reward/mean"] for h in history if _finite(h.get("reward/mean"))]
+    rewards = [h["reward/mean"] for h in history if finite(h.get("reward/mean"))]
     summary = {
         "eval/accuracy_start": evals[0]["eval/accuracy"] if evals else math.nan,
         "eval/accuracy_final": evals[-1]["eval/accuracy"] if evals else math.nan,
@@ -336,23 +335,13 @@ def summarize(history: list[dict], run_dir: Path) -> dict[str, float]:
         "reward/mean_last5": _mean(rewards[-5:]),
         "steps": len(history) - 1,
     }
-    (run_dir / "summary.json").write_text(_json(summary))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     console.print(
         f"[bold]done[/bold]: eval accuracy {summary['eval/accuracy_start']:.3f} -> "
         f"{summary['eval/accuracy_final']:.3f}; mean reward {summary['reward/mean_first']:.3f} -> "
         f"{summary['reward/mean_last5']:.3f} (last 5 steps). Outputs in {run_dir}"
     )
     return summary
-
-
-def _finite(v) -> bool:
-    return isinstance(v, int | float) and math.isfinite(v)
-
-
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, sort_keys=True)
 
 
 def _plain(cfg: DictConfig) -> dict:
