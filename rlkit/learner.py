@@ -6,10 +6,12 @@ is thread-safe on its own.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -18,7 +20,8 @@ from safetensors.torch import load_file
 
 from rlkit import adapters, models
 from rlkit.batch import Sequence, microbatches, pad, to_sequences
-from rlkit.engines import hf
+from rlkit.engines.base import Engine, Request
+from rlkit.engines.sync import Snapshot, build_engine, check_probe, probe_tokens
 from rlkit.errors import NoGradientsError, RlkitError
 from rlkit.losses import get_loss
 from rlkit.types import (
@@ -26,7 +29,6 @@ from rlkit.types import (
     ForwardBackwardOutput,
     OptimStepResponse,
     SampledSequence,
-    SamplingParams,
     TensorData,
 )
 
@@ -46,10 +48,13 @@ class Learner:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
         tokens_per_microbatch: int = 8192,
+        engine: str = "hf",
+        engine_options: dict | None = None,
     ) -> None:
         self.base_model = base_model
         self.spec = spec
         self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype
         self.tokens_per_microbatch = tokens_per_microbatch
         self.tokenizer = models.load_tokenizer(base_model)  # cheap: fails fast on a bad name
         base = models.load_model(base_model, dtype=dtype, device=self.device)
@@ -60,7 +65,14 @@ class Learner:
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=0.0)
         self.step = 0
         self.pending_datums = 0  # datums whose gradients wait for the next optim_step
-        self._sampler: hf.SamplingModel | None = None  # built on first sample
+        self.engine_name = engine
+        self.engine_options = dict(engine_options or {})
+        self.probe_tolerance = self.engine_options.pop("probe_tolerance", None) or (
+            1e-3 if dtype == torch.float32 else 5e-2
+        )
+        self.probe_tokens = probe_tokens(self.vocab_size)
+        self._engine_instance: Engine | None = None  # built on first sync
+        self._served: Snapshot | None = None  # what the engine served before the last sync
 
     # ---- forward / backward -------------------------------------------------------------
     def _logprobs(self, seqs: list[Sequence]) -> list[torch.Tensor]:
@@ -129,44 +141,62 @@ class Learner:
         )
 
     # ---- weights for sampling -----------------------------------------------------------
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone() for name, p in self.params.items()}
+    def snapshot(self) -> Snapshot:
+        """The adapter as it is now, plus the trainer's logprobs on the probe tokens under it."""
+        tensors = {name: p.detach().clone() for name, p in self.params.items()}
+        return Snapshot(tensors, self._probe_logprobs())
 
-    def _sampling_model(self, key: int, snapshot: dict[str, torch.Tensor]):
-        if self._sampler is None:
-            self._sampler = hf.SamplingModel(self.model)
-        self._sampler.load(key, snapshot)
-        return self._sampler.model
+    @torch.no_grad()
+    def _probe_logprobs(self) -> torch.Tensor:
+        training = self.model.training
+        self.model.eval()  # no dropout: the engine's forward pass has none
+        try:
+            tokens = torch.tensor(self.probe_tokens)
+            return self._logprobs([Sequence(tokens[:-1], tokens[1:], {})])[0].cpu()
+        finally:
+            self.model.train(training)
 
-    def sample(
-        self,
-        key: int,
-        snapshot,
-        prompt: list[int],
-        num_samples: int,
-        params: SamplingParams,
-        seed: int,
-    ) -> list[SampledSequence]:
-        limit = self.model.config.max_position_embeddings - len(prompt)
-        max_tokens = params.max_tokens or limit
+    def _engine(self) -> Engine:
+        if self._engine_instance is None:
+            self._engine_instance = build_engine(self)
+        return self._engine_instance
+
+    def sync(self, key: int, snapshot: Snapshot) -> dict[str, float]:
+        """Make the engine serve `snapshot` and check that it does (see `check_probe`)."""
+        engine = self._engine()
+        if engine.loaded_key == key:
+            return {}
+        t = time.perf_counter()
+        engine.load(key, snapshot.tensors)
+        served = torch.tensor(engine.prompt_logprobs(self.probe_tokens)[1:])
+        mismatch = check_probe(served, snapshot, self._served, self.probe_tolerance, engine.name)
+        self._served = snapshot
+        return {"sync/seconds": time.perf_counter() - t, "sync/probe_mismatch": mismatch}
+
+    def check_context(self, prompt: list[int], max_tokens: int | None) -> int:
+        context = self.model.config.max_position_embeddings
+        limit = context - len(prompt)
+        max_tokens = max_tokens or limit
         if max_tokens > limit:
             raise ValueError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                f"context of {self.model.config.max_position_embeddings} tokens"
+                f"context of {context} tokens"
             )
-        model = self._sampling_model(key, snapshot)
-        return hf.sample(model, self.tokenizer, prompt, num_samples, params, seed, max_tokens)
+        return max_tokens
 
-    @torch.no_grad()
-    def prompt_logprobs(self, key: int, snapshot, prompt: list[int]) -> list[float | None]:
+    def sample(self, batch: list[tuple[int, Snapshot, Request]]) -> list[list[SampledSequence]]:
+        """Serve queued requests, in order, one engine call per run of the same snapshot."""
+        results: list[list[SampledSequence]] = []
+        for (key, snapshot), run in itertools.groupby(batch, key=lambda item: item[:2]):
+            self.sync(key, snapshot)
+            results += self._engine().sample([request for _, _, request in run])
+        return results
+
+    def prompt_logprobs(self, key: int, snapshot: Snapshot, prompt: list[int]):
         if len(prompt) < 2:
             return [None] * len(prompt)
-        model = self._sampling_model(key, snapshot)
-        tokens = torch.tensor([prompt[:-1]], device=self.device)
-        logits = model(input_ids=tokens).logits[0].float()
-        targets = torch.tensor(prompt[1:], device=self.device)
-        logprobs = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
-        return [None, *logprobs.tolist()]
+        self.sync(key, snapshot)
+        return self._engine().prompt_logprobs(prompt)
 
     # ---- checkpoints --------------------------------------------------------------------
     def save(self, path: Path, with_optimizer: bool) -> Path:

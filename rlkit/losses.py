@@ -73,21 +73,44 @@ def cross_entropy(logprobs, inputs):
     return -inputs["weights"] * logprobs
 
 
-@register_loss("importance_sampling", inputs=("logprobs", "advantages"))
-def importance_sampling(logprobs, inputs):
-    """REINFORCE corrected for the sampler: -ratio * advantages."""
-    return -_ratio(logprobs, inputs["logprobs"]) * inputs["advantages"]
+def _split_ratio(logprobs, sampler_logprobs, tis_cap: float):
+    """(ratio, token weight) for the IS losses.
+
+    tis_cap = 0: ratio = trainer/sampler, weight 1 (plain importance sampling).
+    tis_cap > 0, truncated importance sampling (TIS): the sampler-to-old-trainer mismatch is
+    taken out of the ratio and capped: weight = min(exp(old - sampler), tis_cap), ratio =
+    exp(logprobs - old). The old policy is the trainer's logprobs before this update, i.e.
+    `logprobs.detach()`: exact for one optimizer step per batch of rollouts, as rlkit's trainer
+    does. Same value and gradient as tis_cap = 0 wherever the cap does not bite.
+    """
+    if not tis_cap:
+        return _ratio(logprobs, sampler_logprobs), 1.0
+    old = logprobs.detach()
+    weight = torch.exp(old - sampler_logprobs).clamp(max=tis_cap)
+    return torch.exp(logprobs - old), weight
+
+
+@register_loss("importance_sampling", inputs=("logprobs", "advantages"), tis_cap=0.0)
+def importance_sampling(logprobs, inputs, tis_cap=0.0):
+    """REINFORCE corrected for the sampler: -ratio * advantages (tis_cap: see _split_ratio)."""
+    ratio, weight = _split_ratio(logprobs, inputs["logprobs"], tis_cap)
+    return -weight * ratio * inputs["advantages"]
 
 
 @register_loss(
-    "ppo", inputs=("logprobs", "advantages"), clip_low_threshold=0.8, clip_high_threshold=1.2
+    "ppo",
+    inputs=("logprobs", "advantages"),
+    clip_low_threshold=0.8,
+    clip_high_threshold=1.2,
+    tis_cap=0.0,
 )
-def ppo(logprobs, inputs, clip_low_threshold, clip_high_threshold):
-    """Clipped surrogate: -min(ratio * A, clip(ratio, low, high) * A), thresholds on the ratio."""
-    ratio = _ratio(logprobs, inputs["logprobs"])
+def ppo(logprobs, inputs, clip_low_threshold, clip_high_threshold, tis_cap=0.0):
+    """Clipped surrogate: -min(ratio * A, clip(ratio, low, high) * A), thresholds on the ratio
+    (with tis_cap > 0 the ratio is to the old trainer policy, times the capped TIS weight)."""
+    ratio, weight = _split_ratio(logprobs, inputs["logprobs"], tis_cap)
     advantages = inputs["advantages"]
     clipped = ratio.clamp(clip_low_threshold, clip_high_threshold)
-    return -torch.minimum(ratio * advantages, clipped * advantages)
+    return -weight * torch.minimum(ratio * advantages, clipped * advantages)
 
 
 @register_loss(

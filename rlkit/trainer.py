@@ -65,7 +65,13 @@ class Group:
     completions: list[str]
 
 
-TRAIN_KEYS = ("train/loss", "train/grad_norm", "train/logprob_mismatch", "train/kl_sampler_trainer")
+TRAIN_KEYS = (
+    "train/loss",
+    "train/grad_norm",
+    "train/logprob_mismatch",
+    "train/kl_sampler_trainer",
+    "train/tis_capped_frac",
+)
 
 
 # ---- building components from the config ------------------------------------------------------
@@ -120,8 +126,9 @@ def group_datums(group: Group, advantages_G: torch.Tensor) -> list[types.Datum]:
     return datums
 
 
-def mismatch_metrics(datums_D, outputs) -> dict[str, float]:
-    """How far the trainer's logprobs are from the sampler's on the sampled tokens."""
+def mismatch_metrics(datums_D, outputs, tis_cap: float = 0.0) -> dict[str, float]:
+    """How far the trainer's logprobs are from the sampler's on the sampled tokens, and how
+    often a truncated-IS cap (`loss.config.tis_cap`, 0 = off) clipped the token weight."""
     diffs = []
     for datum, out in zip(datums_D, outputs, strict=True):
         mask = datum.loss_fn_inputs["advantages"].to_torch() != 0
@@ -132,6 +139,7 @@ def mismatch_metrics(datums_D, outputs) -> dict[str, float]:
     return {
         "train/logprob_mismatch": float(d.abs().mean()),
         "train/kl_sampler_trainer": float((d.exp() - 1 - d).mean()),
+        "train/tis_capped_frac": float((d.exp() > tis_cap).double().mean()) if tis_cap else None,
     }
 
 
@@ -165,6 +173,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         device=None if cfg.model.device == "auto" else cfg.model.device,
         dtype=None if cfg.model.dtype == "auto" else cfg.model.dtype,
         checkpoint_dir=run_dir / "checkpoints",
+        engine=cfg.engine.name,
+        engine_options={k: v for k, v in cfg.engine.items() if k != "name"},
     )
     trainer = service.create_lora_training_client(
         cfg.model.base_model,
@@ -224,6 +234,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             t = time.time()
             sampler = trainer.save_weights_and_get_sampling_client()
             metrics["time/sync"] = time.time() - t
+            metrics["sync/probe_mismatch"] = sampler.sync_metrics.get("sync/probe_mismatch")
             metrics["time/step"] = sum(
                 metrics.get(f"time/{k}", 0.0) for k in ("sample", "score", "train", "sync")
             )
@@ -309,7 +320,8 @@ def rl_step(ctx: Run, sampler, step: int) -> dict[str, float]:
         out = fwd_bwd.result()
         metrics["train/loss"] = out.metrics["loss:sum"]
         metrics["train/grad_norm"] = optim.result().metrics["grad_norm"]
-        metrics.update(mismatch_metrics(datums_D, out.loss_fn_outputs))
+        tis_cap = loss_config.get("tis_cap", 0.0)
+        metrics.update(mismatch_metrics(datums_D, out.loss_fn_outputs, tis_cap))
     metrics["time/train"] = time.time() - t
     return metrics
 

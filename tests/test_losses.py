@@ -101,3 +101,33 @@ def test_unknown_config_key_is_named():
 def test_registering_a_name_twice_is_an_error():
     with pytest.raises(ValueError, match="already registered"):
         losses.register_loss("ppo", inputs=())(lambda lp, inputs: lp)
+
+
+def test_truncated_importance_sampling_caps_only_large_weights():
+    # Token weights exp(LP - Q): 1.0, 0.61, 1.65. A cap of 1.2 bites on token 3 only.
+    weights = [1.0, math.exp(-0.5), 1.2]
+    expected = -sum(w * a for w, a in zip(weights, A.tolist(), strict=True))
+    assert total("importance_sampling", tis_cap=1.2) == pytest.approx(expected)
+    # A cap above every weight changes nothing.
+    assert total("importance_sampling", tis_cap=10.0) == pytest.approx(total("importance_sampling"))
+
+
+def test_truncated_importance_sampling_gradient_is_capped_weight_times_score():
+    lp = LP.clone().double().requires_grad_(True)
+    spec = losses.get_loss("importance_sampling")
+    inputs = {"logprobs": Q.double(), "advantages": A.double()}
+    spec.fn(lp, inputs, tis_cap=1.2).sum().backward()
+    weight = torch.exp(LP - Q).double().clamp(max=1.2)
+    # d/dlp of -w * exp(lp - sg(lp)) * A is -w * A (the ratio is 1 at the current policy).
+    assert torch.allclose(lp.grad, -weight * A.double())
+    # Uncapped tokens get exactly the plain IS gradient, -exp(lp - q) * A.
+    plain = -torch.exp(LP - Q).double() * A.double()
+    assert torch.allclose(lp.grad[:2], plain[:2]) and not torch.isclose(lp.grad[2], plain[2])
+
+
+def test_ppo_with_tis_cap_weights_the_surrogate():
+    # With tis_cap the ratio is to the old trainer policy (1 at the current one): no clipping,
+    # so the loss is -min(w, cap) * A per token.
+    weights = [1.0, math.exp(-0.5), 1.2]
+    expected = -sum(w * a for w, a in zip(weights, A.tolist(), strict=True))
+    assert total("ppo", tis_cap=1.2) == pytest.approx(expected)

@@ -44,6 +44,8 @@ STEP_FIELDS = {
     "train/entropy",
     "train/logprob_mismatch",
     "train/kl_sampler_trainer",
+    "train/tis_capped_frac",
+    "sync/probe_mismatch",
     "train/loss",
     "train/grad_norm",
     "time/sample",

@@ -18,6 +18,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from rlkit.engines.base import Request, stop_criteria
 from rlkit.types import SampledSequence, SamplingParams
 
 
@@ -51,21 +52,6 @@ class SamplingModel:
         for layer in self._layers.values():
             layer.merge()
         self.loaded_key = key
-
-
-def stop_criteria(params: SamplingParams, eos_token_id: int) -> tuple[set[int], list[str]]:
-    """Token ids and strings that end a sequence; the end-of-turn token always does."""
-    stop = params.stop
-    if stop is None:
-        return {eos_token_id}, []
-    if isinstance(stop, str):
-        return {eos_token_id}, [stop]
-    stop = list(stop)
-    if all(isinstance(s, str) for s in stop):
-        return {eos_token_id}, stop
-    if all(isinstance(s, int) for s in stop):
-        return {eos_token_id, *stop}, []
-    raise TypeError(f"SamplingParams.stop must be strings or token ids, not a mix: {stop!r}")
 
 
 def _text(tokenizer, tokens) -> str:
@@ -160,3 +146,46 @@ def sample(
     if greedy:  # one greedy pass serves every requested sample
         return [replace(sequences[0], tokens=list(sequences[0].tokens)) for _ in range(num_samples)]
     return sequences
+
+
+class HFEngine:
+    """The `hf` engine: transformers `generate` on a merged copy of the adapted model."""
+
+    name = "hf"
+
+    def __init__(self, peft_model, tokenizer) -> None:
+        self._sampler = SamplingModel(peft_model)
+        self.tokenizer = tokenizer
+
+    @property
+    def loaded_key(self) -> int | None:
+        return self._sampler.loaded_key
+
+    def load(self, key: int, snapshot: dict[str, torch.Tensor]) -> None:
+        self._sampler.load(key, snapshot)
+
+    def sample(self, requests: list[Request]) -> list[list[SampledSequence]]:
+        # One generate call per request: each request's seed then decides its tokens alone.
+        return [
+            sample(
+                self._sampler.model,
+                self.tokenizer,
+                r.prompt,
+                r.num_samples,
+                r.params,
+                r.seed,
+                r.max_tokens,
+            )
+            for r in requests
+        ]
+
+    @torch.no_grad()
+    def prompt_logprobs(self, prompt: list[int]) -> list[float | None]:
+        if len(prompt) < 2:
+            return [None] * len(prompt)
+        model = self._sampler.model
+        device = next(model.parameters()).device
+        logits = model(input_ids=torch.tensor([prompt[:-1]], device=device)).logits[0].float()
+        targets = torch.tensor(prompt[1:], device=device)
+        logprobs = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+        return [None, *logprobs.tolist()]

@@ -1,0 +1,53 @@
+"""What every rollout engine provides, and the request it serves.
+
+An engine serves one adapter snapshot at a time: `load(key, snapshot)` makes it serve the
+adapter tensors `snapshot` (a no-op when `key` is already loaded), then `sample` and
+`prompt_logprobs` run on it. The learner decides when to load; engines never see the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from rlkit.types import SampledSequence, SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    """One `sample` call: `num_samples` completions of `prompt`, reproducible for `seed`."""
+
+    prompt: list[int]
+    num_samples: int
+    params: SamplingParams
+    seed: int
+    max_tokens: int
+
+
+class Engine(Protocol):
+    name: str
+    # The key of the snapshot being served; None before the first load or after a failed one.
+    loaded_key: int | None
+
+    def load(self, key: int, snapshot: dict[str, torch.Tensor]) -> None: ...
+
+    def sample(self, requests: list[Request]) -> list[list[SampledSequence]]: ...
+
+    def prompt_logprobs(self, prompt: list[int]) -> list[float | None]: ...
+
+
+def stop_criteria(params: SamplingParams, eos_token_id: int) -> tuple[set[int], list[str]]:
+    """Token ids and strings that end a sequence; the end-of-turn token always does."""
+    stop = params.stop
+    if stop is None:
+        return {eos_token_id}, []
+    if isinstance(stop, str):
+        return {eos_token_id}, [stop]
+    stop = list(stop)
+    if all(isinstance(s, str) for s in stop):
+        return {eos_token_id}, stop
+    if all(isinstance(s, int) for s in stop):
+        return {eos_token_id, *stop}, []
+    raise TypeError(f"SamplingParams.stop must be strings or token ids, not a mix: {stop!r}")

