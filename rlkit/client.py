@@ -64,7 +64,7 @@ class APIFuture(Generic[T]):
 
     async def result_async(self, timeout: float | None = None) -> T:
         if self._flush is not None and not self._future.done():
-            await asyncio.to_thread(self._flush)
+            self._flush()  # in this thread, like every other call (see _Worker)
         return await asyncio.wait_for(asyncio.wrap_future(self._future), timeout)
 
     def done(self) -> bool:

