@@ -79,7 +79,7 @@ class WarmupConfig:
 
 @dataclass
 class DeterminismConfig:
-    # torch.use_deterministic_algorithms: free on CPU; on GPU some kernels get slower.
+    # torch.use_deterministic_algorithms (costs: see conf/determinism/strict.yaml).
     deterministic_algorithms: bool = True
     # Only warn when an op has no deterministic implementation, instead of raising.
     warn_only: bool = False

@@ -11,6 +11,9 @@ How it deviates from textbook GRPO:
 - Losses are sums over tokens (the API's semantics), not per-sequence means.
 - Groups whose rewards are all equal carry no signal: they are counted and skipped.
 
+Runs are bitwise reproducible and resumable (`resume=auto`): randomness derives from (seed, step,
+...) (`repro.py`), and the state goes into atomic checkpoints every few steps (`checkpoint.py`).
+
 Data parallelism (later) splits `problems_P` across processes; nothing else here changes.
 """
 
@@ -159,7 +162,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     advantage_fn = as_callable(cfg.advantage)
     sinks = []
     if cfg.logger:
-        runtime = {"run_dir": str(run_dir), "run_config": _plain(cfg)}
+        runtime = {"run_dir": str(run_dir), "run_config": OmegaConf.to_container(cfg, resolve=True)}
         sinks.append(as_callable(cfg.logger, runtime=runtime))
 
     service = rlkit.ServiceClient(
@@ -352,7 +355,3 @@ def summarize(history: list[dict], run_dir: Path) -> dict[str, float]:
         f"{summary['reward/mean_last5']:.3f} (last 5 steps). Outputs in {run_dir}"
     )
     return summary
-
-
-def _plain(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
