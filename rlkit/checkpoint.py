@@ -168,6 +168,8 @@ class Checkpointer:
         for partial in self.dir.glob(".tmp-*") if self.dir.is_dir() else []:
             _say(f"[yellow]removing partial checkpoint {escape(str(partial))}")
             shutil.rmtree(partial, ignore_errors=True)
+        for pointer in self.dir.glob(".latest-*") if self.dir.is_dir() else []:
+            pointer.unlink(missing_ok=True)
         candidates = self.checkpoints() if self.cfg.resume == "auto" else []
         for path in candidates:
             problem = verify(path) or self._load(path)
