@@ -44,7 +44,7 @@ TINY = [
     "reward=[format,correct,concise]",
     "reward.concise.only_correct=false",
     "checkpoint.every=2",
-    "determinism.num_threads=2",
+    "determinism.num_threads=1",
 ]
 
 
@@ -148,7 +148,7 @@ def test_manifest_records_what_decides_the_bits(reference):
     assert manifest["device"]["device"] == "cpu" and manifest["device"]["dtype"] == "float32"
     assert manifest["engine"] in ENGINES
     det = manifest["determinism"]
-    assert det["torch_deterministic_algorithms"] is True and det["torch_num_threads"] == 2
+    assert det["torch_deterministic_algorithms"] is True and det["torch_num_threads"] == 1
     assert manifest["env"]["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert set(repro.KERNEL_ENV_VARS) <= set(manifest["env"])
     # Wall-clock timings live apart, so two runs' metrics can match byte for byte.
