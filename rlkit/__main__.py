@@ -21,9 +21,9 @@ def main(cfg: DictConfig) -> None:
 
     try:
         validate(cfg)
+        run(cfg, HydraConfig.get().runtime.output_dir)  # a used run dir is a ConfigError too
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None
-    run(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,28 @@ class WarmupConfig:
 
 
 @dataclass
+class DeterminismConfig:
+    # torch.use_deterministic_algorithms (costs: see conf/determinism/strict.yaml).
+    deterministic_algorithms: bool = True
+    # Only warn when an op has no deterministic implementation, instead of raising.
+    warn_only: bool = False
+    # CUBLAS_WORKSPACE_CONFIG (GPU); "" leaves the environment's value.
+    cublas_workspace: str = ":4096:8"
+    # VLLM_BATCH_INVARIANT for the vLLM engine (GPU, compute capability >= 8.0).
+    vllm_batch_invariant: bool = False
+    # torch intra-op threads; 0 keeps torch's default (one per core).
+    num_threads: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    # Checkpoint every N RL steps (and at the end, and on Ctrl-C / SIGTERM); 0: only those.
+    every: int = 10
+    # Complete checkpoints kept; older ones are deleted.
+    keep_last: int = 2
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -103,6 +126,10 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    determinism: DeterminismConfig = field(default_factory=DeterminismConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # never (a fresh run dir), or auto (continue from its newest complete checkpoint, if any).
+    resume: str = "never"
     # Extra metric sinks (`_target_` of a logger class), or null.
     logger: Any = None
     seed: int = 0
@@ -133,6 +160,7 @@ POSITIVE_INTS = (
     "adapter.rank",
     "warmup.batch_size",
     "engine.max_num_seqs",
+    "checkpoint.keep_last",
 )
 NON_NEGATIVE = (
     "temperature",
@@ -143,10 +171,21 @@ NON_NEGATIVE = (
     "warmup.steps",
     "warmup.lr",
     "adapter.alpha",
+    "determinism.num_threads",
+    "checkpoint.every",
 )
 
 
-TYPED_SECTIONS = ("model", "adapter", "loss", "engine", "optim", "warmup")
+TYPED_SECTIONS = (
+    "model",
+    "adapter",
+    "loss",
+    "engine",
+    "optim",
+    "warmup",
+    "determinism",
+    "checkpoint",
+)
 
 
 def _check_known_keys(cfg: DictConfig) -> None:
@@ -194,6 +233,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be > 0 or null, got {value}")
+    _validate_repro(cfg)
     _validate_loss(cfg.loss)
     if not cfg.reward:
         raise ConfigError("reward is empty: select at least one, e.g. reward=[format,correct]")
@@ -203,6 +243,16 @@ def validate(cfg: DictConfig) -> None:
         check_target(f"reward.{name}", entry, runtime_args=2, extra=("weight",))
     if cfg.logger:  # logger=none composes to an empty node
         check_target("logger", cfg.logger, runtime_kwargs=("run_dir", "run_config"))
+
+
+def _validate_repro(cfg: DictConfig) -> None:
+    if cfg.resume not in ("never", "auto"):
+        raise ConfigError(f"resume must be never or auto, got {cfg.resume!r}")
+    workspace = cfg.determinism.cublas_workspace
+    if workspace and not re.fullmatch(r":\d+:\d+(,:\d+:\d+)*", workspace):
+        raise ConfigError(
+            f"determinism.cublas_workspace must look like ':4096:8' (or be empty), got {workspace!r}"
+        )
 
 
 def _validate_loss(loss: DictConfig) -> None:

@@ -229,17 +229,19 @@ class Learner:
                 f"rank={state['adapter']['rank']}, but this client has "
                 f"base_model={self.base_model!r} rank={self.spec.rank}"
             )
+        optimizer_state = None
+        if with_optimizer:  # read first: a file that is refused leaves the model untouched
+            opt_file = path / OPTIMIZER_FILE
+            if not opt_file.exists():
+                raise RlkitError(f"checkpoint {path} has no optimizer state (saved for sampler?)")
+            # weights_only: tensors and plain containers; any other pickled object is refused.
+            optimizer_state = torch.load(opt_file, map_location=self.device, weights_only=True)
         weights = load_file(path / "adapter_model.safetensors", device=str(self.device))
         result = set_peft_model_state_dict(self.model, weights)
         if result.unexpected_keys:
             raise RlkitError(f"checkpoint {path} has unexpected tensors {result.unexpected_keys}")
-        if with_optimizer:
-            opt_file = path / OPTIMIZER_FILE
-            if not opt_file.exists():
-                raise RlkitError(f"checkpoint {path} has no optimizer state (saved for sampler?)")
-            self.optimizer.load_state_dict(
-                torch.load(opt_file, map_location=self.device, weights_only=True)
-            )
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
         self.step = state["step"]
         self.optimizer.zero_grad(set_to_none=True)
         self.pending_datums = 0

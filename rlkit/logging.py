@@ -33,13 +33,23 @@ PLOT_KEYS = (
 
 
 class MetricsWriter:
-    """Appends one JSON line per record and flushes it, so a crash loses nothing written."""
+    """Appends one JSON line per record and flushes it, so a crash loses nothing written.
 
-    def __init__(self, path: Path) -> None:
+    With `timings`, wall-clock fields (`time/*`) go to that file instead, with the record's step:
+    they differ from run to run, and keeping them apart lets two runs' metrics match byte for byte.
+    """
+
+    def __init__(self, path: Path, timings: Path | None = None) -> None:
         self.path = path
         self._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self._timings = MetricsWriter(timings) if timings else None
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._timings:
+            times = {k: v for k, v in record.items() if k.startswith(TIME_PREFIX)}
+            if times:
+                self._timings.write({"step": record.get("step"), **times})
+            record = {k: v for k, v in record.items() if k not in times}
         # NaN and inf are not JSON: a metric with no value this step is written as null.
         clean = {
             k: v if not isinstance(v, float) or math.isfinite(v) else None
@@ -50,6 +60,17 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._file.close()
+        if self._timings:
+            self._timings.close()
+
+
+TIME_PREFIX = "time/"
+
+
+def read_history(metrics: Path, timings: Path) -> list[dict]:
+    """The RL steps' records (step >= 0) of metrics.jsonl, with their timings merged back in."""
+    times = {r["step"]: r for r in read_jsonl(timings)}
+    return [{**times.get(r["step"], {}), **r} for r in read_jsonl(metrics) if r["step"] >= 0]
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -11,6 +11,9 @@ How it deviates from textbook GRPO:
 - Losses are sums over tokens (the API's semantics), not per-sequence means.
 - Groups whose rewards are all equal carry no signal: they are counted and skipped.
 
+Runs are bitwise reproducible and resumable (`resume=auto`): randomness derives from (seed, step,
+...) (`repro.py`), and the state goes into atomic checkpoints every few steps (`checkpoint.py`).
+
 Data parallelism (later) splits `problems_P` across processes; nothing else here changes.
 """
 
@@ -20,11 +23,10 @@ import functools
 import inspect
 import json
 import math
-import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +34,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import rlkit
-from rlkit import sft, types
+from rlkit import checkpoint, repro, sft, types
 from rlkit.config import import_target
 from rlkit.envs.base import Problem
 from rlkit.logging import MetricsWriter, console, finite, plot_curves, progress_bar
@@ -45,7 +47,6 @@ class Run:
 
     cfg: DictConfig
     env: object
-    rng: random.Random
     trainer: rlkit.TrainingClient
     tokenizer: object
     rewards: list[WeightedReward]
@@ -93,12 +94,14 @@ def build_rewards(reward_cfg: DictConfig) -> list[WeightedReward]:
 
 
 # ---- the phases of one step -----------------------------------------------------------------
-def sample_groups(sampler, tokenizer, problems_P, group_size, params) -> list[Group]:
+def sample_groups(sampler, tokenizer, problems_P, group_size, params, seeds_P=None) -> list[Group]:
+    """`seeds_P`: one sampling seed per problem, so rollouts do not depend on call order."""
     futures = []
-    for problem in problems_P:
+    for i, problem in enumerate(problems_P):
         prompt = sft.prompt_tokens(tokenizer, problem.messages)
         model_input = types.ModelInput.from_ints(prompt)
-        futures.append((problem, prompt, sampler.sample(model_input, group_size, params)))
+        request = params if seeds_P is None else replace(params, seed=seeds_P[i])
+        futures.append((problem, prompt, sampler.sample(model_input, group_size, request)))
     groups = []
     for problem, prompt, future in futures:
         sequences = future.result().sequences
@@ -156,17 +159,18 @@ def evaluate(sampler, tokenizer, problems, max_tokens: int) -> dict[str, float]:
 
 
 # ---- the loop ---------------------------------------------------------------------------------
+@checkpoint.stop_on_signals  # Ctrl-C / SIGTERM: finish the step, write a checkpoint, exit 0
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    ckpt = checkpoint.Checkpointer(run_dir, cfg)  # refuses a used run dir unless resume=auto
+    repro.apply_determinism(cfg)  # seeds and switches, before any model or engine starts
     env = instantiate(cfg.env)
     rewards = build_rewards(cfg.reward)
     advantage_fn = as_callable(cfg.advantage)
     sinks = []
     if cfg.logger:
-        runtime = {"run_dir": str(run_dir), "run_config": _plain(cfg)}
+        runtime = {"run_dir": str(run_dir), "run_config": OmegaConf.to_container(cfg, resolve=True)}
         sinks.append(as_callable(cfg.logger, runtime=runtime))
 
     service = rlkit.ServiceClient(
@@ -196,12 +200,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         grad_clip_norm=cfg.optim.grad_clip_norm,
     )
     params = types.SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+    resumed = ckpt.resume(trainer)  # resume=auto: weights, optimizer, RNGs, outputs so far
+    repro.write_manifest(run_dir, cfg, service.device, service.dtype, ckpt.resumed_from)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    metrics_out = MetricsWriter(run_dir / "metrics.jsonl")
+    metrics_out = MetricsWriter(run_dir / "metrics.jsonl", timings=run_dir / "timings.jsonl")
     samples_out = MetricsWriter(run_dir / "samples.jsonl")
     eval_problems = env.eval_problems()
 
-    if cfg.warmup.steps:
+    if cfg.warmup.steps and not resumed.path:
         warm_adam = types.AdamParams(learning_rate=cfg.warmup.lr, grad_clip_norm=1.0)
         t0 = time.time()
         with progress_bar() as bar:
@@ -210,6 +216,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             def on_sft_step(step, m):
                 bar.update(task, advance=1, status=f"loss {m['sft/loss']:.3f}")
 
+            rng = repro.rng(cfg.seed, "warmup")
             losses = sft.warm_start(
                 trainer, env, rng, cfg.warmup.steps, cfg.warmup.batch_size, warm_adam, on_sft_step
             )
@@ -217,12 +224,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             {"step": -1, "sft/final_loss": losses[-1], "time/warmup": time.time() - t0}
         )
 
-    ctx = Run(cfg, env, rng, trainer, tokenizer, rewards, advantage_fn, adam, params, samples_out)
+    ctx = Run(cfg, env, trainer, tokenizer, rewards, advantage_fn, adam, params, samples_out)
     sampler = trainer.save_weights_and_get_sampling_client()
-    history: list[dict] = []
+    history: list[dict] = resumed.history
     with progress_bar() as bar:
-        task = bar.add_task("RL", total=cfg.steps, status="")
-        for step in range(cfg.steps + 1):
+        task = bar.add_task("RL", total=cfg.steps, completed=resumed.step, status="")
+        for step in range(resumed.step, cfg.steps + 1):
+            if ckpt.reached(step):  # checkpoints when due; True after Ctrl-C / SIGTERM
+                break
             metrics: dict[str, float] = {"step": step}
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 metrics.update(evaluate(sampler, tokenizer, eval_problems, cfg.max_tokens))
@@ -246,11 +255,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
     metrics_out.close()
     samples_out.close()
+    for sink in sinks:
+        sink.close()
+    if ckpt.stopped:
+        raise SystemExit(0)  # the checkpoint is written and the resume command printed
     adapter = trainer.save_weights_for_sampler("final").result().path
     shutil.copytree(adapter, run_dir / "adapter", dirs_exist_ok=True)
     plot_curves(history, run_dir / "curves.png", title=str(run_dir.name))
-    for sink in sinks:
-        sink.close()
     return summarize(history, run_dir)
 
 
@@ -259,8 +270,10 @@ def rl_step(ctx: Run, sampler, step: int) -> dict[str, float]:
     cfg, tokenizer, rewards = ctx.cfg, ctx.tokenizer, ctx.rewards
     metrics: dict[str, float] = {}
     t = time.time()
-    problems_P = ctx.env.sample(ctx.rng, cfg.groups_per_step)
-    groups_P = sample_groups(sampler, tokenizer, problems_P, cfg.group_size, ctx.params)
+    # Problems and sampling seeds are functions of (seed, step): a resumed run draws the same.
+    problems_P = ctx.env.sample(repro.rng(cfg.seed, "problems", step), cfg.groups_per_step)
+    seeds_P = [repro.derive_seed(cfg.seed, "rollout", step, i) for i in range(len(problems_P))]
+    groups_P = sample_groups(sampler, tokenizer, problems_P, cfg.group_size, ctx.params, seeds_P)
     metrics["time/sample"] = time.time() - t
 
     t = time.time()
@@ -354,7 +367,3 @@ def summarize(history: list[dict], run_dir: Path) -> dict[str, float]:
         f"{summary['reward/mean_last5']:.3f} (last 5 steps). Outputs in {run_dir}"
     )
     return summary
-
-
-def _plain(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)

@@ -6,7 +6,19 @@ from omegaconf import OmegaConf
 
 from rlkit.config import ConfigError, compose, options, validate
 
-GROUPS = ["model", "adapter", "env", "advantage", "loss", "engine", "optim", "warmup", "logger"]
+GROUPS = [
+    "model",
+    "adapter",
+    "env",
+    "advantage",
+    "loss",
+    "engine",
+    "optim",
+    "warmup",
+    "logger",
+    "determinism",
+    "checkpoint",
+]
 
 
 @pytest.mark.parametrize("recipe", options("recipe"))
@@ -81,6 +93,11 @@ def test_every_field_has_a_comment_above_it():
         ),
         (["model.dtype=float64"], ConfigError, "model.dtype must be"),
         (["on_reward_error=ignore"], ConfigError, "on_reward_error must be 'raise' or 'skip'"),
+        (["resume=yes"], ConfigError, "resume must be never or auto, got 'yes'"),
+        (["determinism.cublas_workspace=4096"], ConfigError, "must look like ':4096:8'"),
+        (["determinism.num_threads=-1"], ConfigError, "determinism.num_threads must be >= 0"),
+        (["checkpoint.keep_last=0"], ConfigError, "checkpoint.keep_last must be >= 1"),
+        (["+checkpoint.evry=3"], ConfigError, "unknown key 'checkpoint.evry'"),
     ],
 )
 def test_bad_configs_fail_naming_the_key(overrides, error, message):

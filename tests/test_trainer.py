@@ -48,12 +48,8 @@ STEP_FIELDS = {
     "sync/probe_mismatch",
     "train/loss",
     "train/grad_norm",
-    "time/sample",
-    "time/score",
-    "time/train",
-    "time/sync",
-    "time/step",
 }
+TIME_FIELDS = {"step", "time/sample", "time/score", "time/train", "time/sync", "time/step"}
 
 
 def cli(args, cwd, extra_env=None, check=True):
@@ -80,6 +76,10 @@ def test_shortened_pair_sum_end_to_end(tmp_path):
     assert len(steps) == 3
     for record in steps:
         assert set(record) >= STEP_FIELDS, STEP_FIELDS - set(record)
+    # Wall-clock timings have their own file, so metrics.jsonl is the same on every run.
+    timings = [json.loads(line) for line in (run_dir / "timings.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in timings] == [-1, 0, 1, 2]
+    assert set(timings[1]) == TIME_FIELDS and "time/warmup" in timings[0]
     assert any(r["train/loss"] is not None for r in steps), "no RL update happened"
     evals = [r["eval/accuracy"] for r in records if "eval/accuracy" in r]
     assert len(evals) == 3  # steps 0, 2 and the final one
