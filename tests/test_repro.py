@@ -23,9 +23,13 @@ import pytest
 
 from rlkit import repro
 from rlkit.config import compose, validate
+from rlkit.engines import vllm as vllm_engine
 from rlkit.trainer import run
 
 ENGINES = {"hf": ["engine=hf"]}
+if vllm_engine.available() or os.environ.get("RLKIT_REQUIRE_VLLM") == "1":
+    # vLLM-CPU has no attention kernel for rlkit-tiny's head_dim of 16.
+    ENGINES["vllm"] = ["engine=vllm", "model=rlkit_small"]
 STEPS = 4
 TINY = [
     "recipe=pair_sum",

@@ -77,7 +77,6 @@ def build_engine(learner):
                 learner.spec.rank,
                 learner.dtype,
                 learner.device,
-                learner.spec.seed,
                 vllm.VLLMOptions(**learner.engine_options),
             )
         log.warning(
