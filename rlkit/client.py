@@ -30,7 +30,7 @@ import torch
 from rlkit import models
 from rlkit.adapters import AdapterSpec
 from rlkit.engines.base import Request
-from rlkit.engines.sync import ENGINES, Snapshot
+from rlkit.engines.sync import EngineSettings, Snapshot
 from rlkit.learner import Learner, read_state
 from rlkit.types import (
     AdamParams,
@@ -168,10 +168,7 @@ class ServiceClient:
         engine_options: dict | None = None,
         **_hosted_only: Any,
     ) -> None:
-        if engine not in ENGINES:
-            raise ValueError(f"unknown engine {engine!r}; known engines: {', '.join(ENGINES)}")
-        self.engine = engine
-        self.engine_options = dict(engine_options or {})
+        self.engine = EngineSettings.parse(engine, engine_options)
         self.device = (
             torch.device(device)
             if device
@@ -187,7 +184,6 @@ class ServiceClient:
             dtype=self.dtype,
             device=self.device,
             engine=self.engine,
-            engine_options=self.engine_options,
         )
 
     def create_lora_training_client(

@@ -21,7 +21,13 @@ from safetensors.torch import load_file
 from rlkit import adapters, models
 from rlkit.batch import Sequence, microbatches, pad, to_sequences
 from rlkit.engines.base import Engine, Request
-from rlkit.engines.sync import Snapshot, build_engine, check_probe, probe_tokens
+from rlkit.engines.sync import (
+    EngineSettings,
+    Snapshot,
+    build_engine,
+    check_probe,
+    probe_tokens,
+)
 from rlkit.errors import NoGradientsError, RlkitError
 from rlkit.losses import get_loss
 from rlkit.types import (
@@ -48,8 +54,7 @@ class Learner:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
         tokens_per_microbatch: int = 8192,
-        engine: str = "hf",
-        engine_options: dict | None = None,
+        engine: EngineSettings | None = None,
     ) -> None:
         self.base_model = base_model
         self.spec = spec
@@ -65,9 +70,8 @@ class Learner:
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=0.0)
         self.step = 0
         self.pending_datums = 0  # datums whose gradients wait for the next optim_step
-        self.engine_name = engine
-        self.engine_options = dict(engine_options or {})
-        self.probe_tolerance = self.engine_options.pop("probe_tolerance", None) or (
+        self.engine = engine or EngineSettings()
+        self.probe_tolerance = self.engine.probe_tolerance or (
             1e-3 if dtype == torch.float32 else 5e-2
         )
         self.probe_tokens = probe_tokens(self.vocab_size)

@@ -7,11 +7,12 @@ never a mean. Each function gets `logprobs`, the learner's log-probability of ea
 `ratio = exp(logprobs - inputs["logprobs"])`, the learner-to-sampler probability ratio.
 
 Add a loss with `@register_loss("name", inputs=(...), **config_defaults)`; a name registered twice
-is an error.
+is an error. loss_fn_config values are thresholds, caps and coefficients: finite numbers >= 0.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,7 +39,13 @@ class LossSpec:
                 f"loss {name!r} got unknown loss_fn_config keys {unknown}; "
                 f"it accepts {sorted(self.defaults) or 'none'}"
             )
-        return {**self.defaults, **{k: float(v) for k, v in config.items()}}
+        resolved = {**self.defaults, **{k: float(v) for k, v in config.items()}}
+        for key, value in resolved.items():
+            if not 0 <= value < math.inf:
+                raise ValueError(
+                    f"loss {name!r}: loss_fn_config {key}={value} must be a finite number >= 0"
+                )
+        return resolved
 
 
 LOSSES: dict[str, LossSpec] = {}

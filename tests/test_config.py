@@ -71,6 +71,7 @@ def test_every_field_has_a_comment_above_it():
         (["temperature=-1"], ConfigError, "temperature must be >= 0"),
         (["loss.name=nope"], ConfigError, "unknown loss_fn 'nope'; known losses: cispo"),
         (["loss.name=cross_entropy"], ConfigError, "not a policy-gradient loss"),
+        (["loss.config.tis_cap=-1"], ConfigError, r"loss_fn_config tis_cap=-1.0 must be"),
         (
             ["loss=ppo", "+loss.config.clip=0.1"],
             ConfigError,

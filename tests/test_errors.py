@@ -154,3 +154,16 @@ def test_bad_checkpoint_paths(service, trainer, tmp_path):
     sampler_path = trainer.save_weights_for_sampler("s").result().path
     with pytest.raises(rlkit.RlkitError, match="no optimizer state"):
         trainer.load_state(sampler_path).result()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"engine": "vlm"}, "unknown engine 'vlm'; known engines: hf, vllm"),
+        ({"engine_options": {"kv_cache": 1}}, r"unknown engine_options \['kv_cache'\]"),
+        ({"engine_options": {"probe_tolerance": 0}}, "probe_tolerance must be > 0, got 0"),
+    ],
+)
+def test_bad_engine_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        rlkit.ServiceClient(device="cpu", **kwargs)

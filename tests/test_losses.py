@@ -131,3 +131,11 @@ def test_ppo_with_tis_cap_weights_the_surrogate():
     weights = [1.0, math.exp(-0.5), 1.2]
     expected = -sum(w * a for w, a in zip(weights, A.tolist(), strict=True))
     assert total("ppo", tis_cap=1.2) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("value", [-1.0, math.inf, math.nan])
+def test_negative_or_non_finite_config_values_are_refused_naming_the_key(value):
+    with pytest.raises(ValueError, match=r"loss 'importance_sampling': loss_fn_config tis_cap="):
+        losses.get_loss("importance_sampling").resolve_config(
+            "importance_sampling", {"tis_cap": value}
+        )

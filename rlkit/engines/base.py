@@ -7,7 +7,7 @@ adapter tensors `snapshot` (a no-op when `key` is already loaded), then `sample`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -35,7 +35,15 @@ class Engine(Protocol):
 
     def sample(self, requests: list[Request]) -> list[list[SampledSequence]]: ...
 
-    def prompt_logprobs(self, prompt: list[int]) -> list[float | None]: ...
+    def prompt_logprobs(self, prompt: list[int]) -> list[float | None]:
+        """Logprob of each token of `prompt` (at least 2 tokens) given the ones before; the
+        first is None."""
+        ...
+
+
+def repeat_greedy(sequence: SampledSequence, num_samples: int) -> list[SampledSequence]:
+    """One greedy pass serves every requested sample; each gets its own token list."""
+    return [replace(sequence, tokens=list(sequence.tokens)) for _ in range(num_samples)]
 
 
 def stop_criteria(params: SamplingParams, eos_token_id: int) -> tuple[set[int], list[str]]:

@@ -12,13 +12,12 @@ top-k/top-p), the same quantity the trainer computes, so the two can be compared
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import torch
 from peft.tuners.lora import LoraLayer
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from rlkit.engines.base import Request, stop_criteria
+from rlkit.engines.base import Request, repeat_greedy, stop_criteria
 from rlkit.types import SampledSequence, SamplingParams
 
 
@@ -143,9 +142,7 @@ def sample(
         )
         for row in range(new_tokens.shape[0])
     ]
-    if greedy:  # one greedy pass serves every requested sample
-        return [replace(sequences[0], tokens=list(sequences[0].tokens)) for _ in range(num_samples)]
-    return sequences
+    return repeat_greedy(sequences[0], num_samples) if greedy else sequences
 
 
 class HFEngine:
@@ -181,8 +178,6 @@ class HFEngine:
 
     @torch.no_grad()
     def prompt_logprobs(self, prompt: list[int]) -> list[float | None]:
-        if len(prompt) < 2:
-            return [None] * len(prompt)
         model = self._sampler.model
         device = next(model.parameters()).device
         logits = model(input_ids=torch.tensor([prompt[:-1]], device=device)).logits[0].float()

@@ -10,10 +10,11 @@ on rollouts from the wrong policy fails silently otherwise.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from rlkit.engines.vllm import VLLMOptions
 from rlkit.errors import RlkitError
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,33 @@ PROBE_LENGTH = 32
 
 class StaleAdapterError(RlkitError):
     """The rollout engine does not serve the adapter it was just given."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The rollout engine a learner builds, checked once when the ServiceClient is made."""
+
+    name: str = "hf"
+    # Largest mean |engine - trainer| logprob on the probe; None: by dtype (see Learner).
+    probe_tolerance: float | None = None
+    # vLLM's options (ignored by hf).
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
+
+    @classmethod
+    def parse(cls, name: str, options: dict | None) -> EngineSettings:
+        """From `ServiceClient(engine=..., engine_options=...)`; a bad name or key is named."""
+        if name not in ENGINES:
+            raise ValueError(f"unknown engine {name!r}; known engines: {', '.join(ENGINES)}")
+        options = dict(options or {})
+        tolerance = options.pop("probe_tolerance", None)
+        if tolerance is not None and not tolerance > 0:
+            raise ValueError(f"engine_options probe_tolerance must be > 0, got {tolerance!r}")
+        known = {f.name for f in fields(VLLMOptions)}
+        if unknown := sorted(set(options) - known):
+            raise ValueError(
+                f"unknown engine_options {unknown}; known: probe_tolerance, {', '.join(sorted(known))}"
+            )
+        return cls(name, tolerance, VLLMOptions(**options))
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,9 +93,7 @@ def build_engine(learner):
     """The learner's rollout engine, by name; DoRA on vLLM falls back to `hf` with a warning."""
     from rlkit.engines import hf
 
-    if learner.engine_name not in ENGINES:
-        raise RlkitError(f"unknown engine {learner.engine_name!r}; known engines: {ENGINES}")
-    if learner.engine_name == "vllm":
+    if learner.engine.name == "vllm":
         if not learner.spec.use_dora:
             from rlkit.engines import vllm
 
@@ -77,7 +103,7 @@ def build_engine(learner):
                 learner.spec.rank,
                 learner.dtype,
                 learner.device,
-                vllm.VLLMOptions(**learner.engine_options),
+                learner.engine.vllm,
             )
         log.warning(
             "engine=vllm cannot serve DoRA adapters (vLLM's LoRA path has no magnitude vector): "

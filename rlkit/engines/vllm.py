@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from rlkit import models
-from rlkit.engines.base import Request, stop_criteria
+from rlkit.engines.base import Request, repeat_greedy, stop_criteria
 from rlkit.errors import RlkitError
 from rlkit.types import SampledSequence
 
@@ -166,10 +166,11 @@ class VLLMEngine:
         options: VLLMOptions | None = None,
     ) -> None:
         options = options or VLLMOptions()
-        _, self._LoRARequest = _import_vllm()
+        self._vllm, self._LoRARequest = _import_vllm()
         self.llm = _shared_llm(
             models.resolve(base_model), dtype, device, lora_rank_limit(rank), options
         )
+        self._eos = self.llm.get_tokenizer().eos_token_id
         self.lora_id = next(_LORA_IDS)
         shm = Path("/dev/shm")
         self.dir = Path(tempfile.mkdtemp(prefix="rlkit-lora-", dir=shm if shm.is_dir() else None))
@@ -192,12 +193,10 @@ class VLLMEngine:
         self.loaded_key = key
 
     def _params(self, request: Request):
-        from vllm import SamplingParams
-
         p = request.params
-        stop_ids, stop_strings = stop_criteria(p, self.llm.get_tokenizer().eos_token_id)
+        stop_ids, stop_strings = stop_criteria(p, self._eos)
         greedy = p.temperature == 0
-        return SamplingParams(
+        return self._vllm.SamplingParams(
             n=1 if greedy else request.num_samples,
             temperature=p.temperature,
             top_p=1.0 if greedy else p.top_p,
@@ -219,15 +218,13 @@ class VLLMEngine:
         results = []
         for request, output in zip(requests, outputs, strict=True):
             sequences = [_sequence(o) for o in output.outputs]
-            if request.params.temperature == 0:  # one greedy pass serves every sample
-                sequences = [sequences[0]] * request.num_samples
+            if request.params.temperature == 0:
+                sequences = repeat_greedy(sequences[0], request.num_samples)
             results.append(sequences)
         return results
 
     def prompt_logprobs(self, prompt: list[int]) -> list[float | None]:
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         (output,) = self.llm.generate(
             [{"prompt_token_ids": prompt}], params, lora_request=self._request, use_tqdm=False
         )
