@@ -80,6 +80,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     # 0 disables clipping.
     grad_clip_norm: float = 1.0
+    # constant, or linear (from lr at step 0 down to 0 after the last step).
+    schedule: str = "constant"
 
 
 @dataclass
@@ -138,6 +140,8 @@ class RunConfig:
     group_size: int = 8
     max_tokens: int = 64
     temperature: float = 1.0
+    # Stop strings for rollouts and eval (the end-of-turn token always stops), e.g. ["</answer>"].
+    stop: list[str] = field(default_factory=list)
     # Greedy eval on the held-out set every N steps (and at the start and the end).
     eval_every: int = 10
     # Write sample completions every N steps.
@@ -215,6 +219,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("optim.beta1", "optim.beta2"):
         if not 0 <= OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}")
+    if cfg.optim.schedule not in ("constant", "linear"):
+        raise ConfigError(f"optim.schedule must be constant or linear, got {cfg.optim.schedule!r}")
+    if any(not text for text in cfg.stop):
+        raise ConfigError(f"stop must be a list of non-empty strings, got {list(cfg.stop)}")
     if cfg.on_reward_error not in ("raise", "skip"):
         raise ConfigError(f"on_reward_error must be 'raise' or 'skip', got {cfg.on_reward_error!r}")
     if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -88,8 +88,16 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> Path | None
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
-        points = [(r["step"], r[key]) for r in records if finite(r.get(key))]
-        ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None)
+        # A panel also shows its metric's breakdowns (eval/accuracy/n2, ... under eval/accuracy).
+        parts = sorted({k for r in records for k in r if k.startswith(key + "/")})
+        for name in (key, *parts):
+            points = [(r["step"], r[name]) for r in records if finite(r.get(name))]
+            if points:
+                label = "all" if name == key else name[len(key) + 1 :]
+                marker = "." if len(points) < 30 else None
+                ax.plot(*zip(*points, strict=True), marker=marker, label=label)
+        if parts:
+            ax.legend(fontsize="small")
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

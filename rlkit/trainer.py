@@ -72,6 +72,7 @@ TRAIN_KEYS = (
     "train/logprob_mismatch",
     "train/kl_sampler_trainer",
     "train/tis_capped_frac",
+    "train/lr",
 )
 
 
@@ -146,16 +147,22 @@ def mismatch_metrics(datums_D, outputs, tis_cap: float = 0.0) -> dict[str, float
     }
 
 
-def evaluate(sampler, tokenizer, problems, max_tokens: int) -> dict[str, float]:
-    """Greedy accuracy and format rate on the fixed held-out problems."""
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    groups = sample_groups(sampler, tokenizer, problems, 1, params)
+def evaluate(sampler, tokenizer, problems, params: types.SamplingParams) -> dict[str, float]:
+    """Greedy accuracy and format rate on the fixed held-out problems, plus the accuracy per
+    problem kind when the env tags its problems (`info["tag"]`, e.g. `n4` for pair_sum)."""
+    groups = sample_groups(sampler, tokenizer, problems, 1, replace(params, temperature=0.0))
     answers = [parse_answer(g.completions[0]) for g in groups]
-    return {
-        "eval/accuracy": sum(a == g.problem.answer for a, g in zip(answers, groups, strict=True))
-        / len(groups),
-        "eval/format": sum(a is not None for a in answers) / len(groups),
+    correct = [a == g.problem.answer for a, g in zip(answers, groups, strict=True)]
+    metrics = {
+        "eval/accuracy": _mean(correct),
+        "eval/format": _mean(a is not None for a in answers),
     }
+    by_tag: dict[str, list[bool]] = {}
+    for ok, g in zip(correct, groups, strict=True):
+        if "tag" in g.problem.info:
+            by_tag.setdefault(str(g.problem.info["tag"]), []).append(ok)
+    metrics.update({f"eval/accuracy/{tag}": _mean(oks) for tag, oks in sorted(by_tag.items())})
+    return metrics
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -199,7 +206,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         weight_decay=cfg.optim.weight_decay,
         grad_clip_norm=cfg.optim.grad_clip_norm,
     )
-    params = types.SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+    params = types.SamplingParams(
+        max_tokens=cfg.max_tokens, temperature=cfg.temperature, stop=list(cfg.stop) or None
+    )
     resumed = ckpt.resume(trainer)  # resume=auto: weights, optimizer, RNGs, outputs so far
     repro.write_manifest(run_dir, cfg, service.device, service.dtype, ckpt.resumed_from)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -234,7 +243,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 break
             metrics: dict[str, float] = {"step": step}
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                metrics.update(evaluate(sampler, tokenizer, eval_problems, cfg.max_tokens))
+                metrics.update(evaluate(sampler, tokenizer, eval_problems, params))
             if step == cfg.steps:  # the final eval, after the last update
                 history.append(metrics)
                 metrics_out.write(metrics)
@@ -329,14 +338,23 @@ def rl_step(ctx: Run, sampler, step: int) -> dict[str, float]:
     if datums_D:
         loss_config = OmegaConf.to_container(cfg.loss.config)
         fwd_bwd = ctx.trainer.forward_backward(datums_D, cfg.loss.name, loss_config)
-        optim = ctx.trainer.optim_step(ctx.adam)
+        optim = ctx.trainer.optim_step(replace(ctx.adam, learning_rate=learning_rate(cfg, step)))
         out = fwd_bwd.result()
         metrics["train/loss"] = out.metrics["loss:sum"]
         metrics["train/grad_norm"] = optim.result().metrics["grad_norm"]
+        metrics["train/lr"] = learning_rate(cfg, step)
         tis_cap = loss_config.get("tis_cap", 0.0)
         metrics.update(mismatch_metrics(datums_D, out.loss_fn_outputs, tis_cap))
     metrics["time/train"] = time.time() - t
     return metrics
+
+
+def learning_rate(cfg: DictConfig, step: int) -> float:
+    """The RL learning rate at `step` under `optim.schedule` (a function of the step alone, so a
+    resumed run continues the same schedule)."""
+    if cfg.optim.schedule == "linear":
+        return cfg.optim.lr * (1 - step / cfg.steps)
+    return cfg.optim.lr
 
 
 def _mean(values) -> float:

@@ -67,6 +67,8 @@ def test_every_field_has_a_comment_above_it():
         (["optim.lr=abc"], ConfigCompositionException, "optim.lr=abc"),
         (["reward=nonexistent"], MissingConfigException, "reward/nonexistent"),
         (["group_size=0"], ConfigError, "group_size must be >= 1, got 0"),
+        (["stop=['']"], ConfigError, "stop must be a list of non-empty strings"),
+        (["optim.schedule=cosine"], ConfigError, "optim.schedule must be constant or linear"),
         (["optim.beta2=1.5"], ConfigError, r"optim.beta2 must be in \[0, 1\)"),
         (["temperature=-1"], ConfigError, "temperature must be >= 0"),
         (["loss.name=nope"], ConfigError, "unknown loss_fn 'nope'; known losses: cispo"),

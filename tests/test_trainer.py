@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import pytest
+from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from rlkit.config import compose, validate
@@ -27,6 +29,7 @@ FAST = [
     "env.eval_size=4",
     "eval_every=2",
     "samples_every=1",
+    "optim.schedule=linear",  # (the recipe's too) asserted below
     # Length varies even when answers are all wrong, so RL steps have a signal.
     "reward=[format,correct,concise]",
     "reward.concise.only_correct=false",
@@ -48,6 +51,7 @@ STEP_FIELDS = {
     "sync/probe_mismatch",
     "train/loss",
     "train/grad_norm",
+    "train/lr",
 }
 TIME_FIELDS = {"step", "time/sample", "time/score", "time/train", "time/sync", "time/step"}
 
@@ -81,8 +85,19 @@ def test_shortened_pair_sum_end_to_end(tmp_path):
     assert [t["step"] for t in timings] == [-1, 0, 1, 2]
     assert set(timings[1]) == TIME_FIELDS and "time/warmup" in timings[0]
     assert any(r["train/loss"] is not None for r in steps), "no RL update happened"
-    evals = [r["eval/accuracy"] for r in records if "eval/accuracy" in r]
+    # optim.schedule=linear: lr * (1 - step / steps), logged on steps that trained.
+    for r in steps:
+        if r["train/loss"] is not None:
+            assert r["train/lr"] == pytest.approx(3e-4 * (1 - r["step"] / 3))
+    evals = [r for r in records if "eval/accuracy" in r]
     assert len(evals) == 3  # steps 0, 2 and the final one
+    # Per-kind accuracy (pair_sum tags problems n2, n4): the overall figure is their weighted mean.
+    tags = Counter(p.info["tag"] for p in instantiate(compose(FAST).env).eval_problems())
+    for record in evals:
+        per_tag = {k.rsplit("/", 1)[1]: v for k, v in record.items() if k.count("/") == 2}
+        assert set(per_tag) == set(tags)
+        weighted = sum(per_tag[t] * n for t, n in tags.items()) / sum(tags.values())
+        assert record["eval/accuracy"] == pytest.approx(weighted)
 
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     b_matrices = [t for name, t in adapter.items() if "lora_B" in name]
@@ -95,6 +110,21 @@ def test_shortened_pair_sum_end_to_end(tmp_path):
     assert samples and {"step", "prompt", "answer", "completion"} <= set(samples[0])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3
+
+
+def test_stop_strings_end_rollouts(tmp_path):
+    """`stop=[...]` reaches the sampler: the same run with a stop string that occurs in a
+    completion gives that completion cut right after it."""
+    first = tmp_path / "a"
+    cli([*FAST, "steps=1", f"hydra.run.dir={first}"], cwd=tmp_path)
+    sample = json.loads((first / "samples.jsonl").read_text().splitlines()[0])["completion"]
+    assert len(sample) > 2, sample
+    stop = sample[len(sample) // 2]  # a character that occurs mid-completion
+    cut = sample[: sample.index(stop) + 1]
+    second = tmp_path / "b"
+    cli([*FAST, "steps=1", f"stop=[{json.dumps(stop)}]", f"hydra.run.dir={second}"], cwd=tmp_path)
+    again = json.loads((second / "samples.jsonl").read_text().splitlines()[0])["completion"]
+    assert again == cut
 
 
 def test_help_lists_groups(tmp_path):

@@ -45,7 +45,8 @@ class PairSumEnv:
             {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": " ".join(map(str, numbers))},
         )
-        info = {"numbers": list(numbers), "sums": sums}
+        # `tag` splits the eval accuracy by problem size (eval/accuracy/n2, eval/accuracy/n4, ...).
+        info = {"numbers": list(numbers), "sums": sums, "tag": f"n{len(numbers)}"}
         return Problem(messages=messages, answer=str(math.prod(sums)), info=info)
 
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
