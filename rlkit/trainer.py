@@ -338,11 +338,12 @@ def rl_step(ctx: Run, sampler, step: int) -> dict[str, float]:
     if datums_D:
         loss_config = OmegaConf.to_container(cfg.loss.config)
         fwd_bwd = ctx.trainer.forward_backward(datums_D, cfg.loss.name, loss_config)
-        optim = ctx.trainer.optim_step(replace(ctx.adam, learning_rate=learning_rate(cfg, step)))
+        lr = learning_rate(cfg, step)
+        optim = ctx.trainer.optim_step(replace(ctx.adam, learning_rate=lr))
         out = fwd_bwd.result()
         metrics["train/loss"] = out.metrics["loss:sum"]
         metrics["train/grad_norm"] = optim.result().metrics["grad_norm"]
-        metrics["train/lr"] = learning_rate(cfg, step)
+        metrics["train/lr"] = lr
         tis_cap = loss_config.get("tis_cap", 0.0)
         metrics.update(mismatch_metrics(datums_D, out.loss_fn_outputs, tis_cap))
     metrics["time/train"] = time.time() - t
