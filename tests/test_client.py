@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rlkit
-from rlkit import types
+from rlkit.api import types
 from rlkit.examples import first_sft
 
 
@@ -108,6 +108,9 @@ def test_gradients_accumulate_until_optim_step(trainer):
     params = trainer._learner.params
     trainer.forward_backward(data, "cross_entropy").result()
     once = {n: p.grad.clone() for n, p in params.items()}
+    # A fresh adapter has B = 0, so only the B matrices get a gradient; each of them must.
+    b_grads = {n: g for n, g in once.items() if "lora_B" in n}
+    assert b_grads and all(g.abs().sum() > 0 for g in b_grads.values())
     trainer.forward_backward(data, "cross_entropy").result()
     for n, p in params.items():
         torch.testing.assert_close(p.grad, 2 * once[n])

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rlkit import losses
-from rlkit.errors import UnknownLossError
+from rlkit.api import losses
+from rlkit.api.errors import UnknownLossError
 
 LP = torch.tensor([-1.0, -2.0, -0.5])  # learner logprobs
 Q = torch.tensor([-1.0, -1.5, -1.0])  # sampler logprobs

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from rlkit import models
-from rlkit.errors import ModelNotFoundError
+from rlkit.api.errors import ModelNotFoundError
+from rlkit.backend import models
 
 
 def test_builtin_build_is_deterministic(tmp_path, monkeypatch):

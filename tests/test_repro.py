@@ -18,13 +18,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from rlkit import repro
-from rlkit.config import compose, validate
-from rlkit.engines import vllm as vllm_engine
-from rlkit.trainer import run
+from rlkit.backend.engines import vllm as vllm_engine
+from rlkit.rl.loop import train
+from rlkit.run import compare, manifest
+from rlkit.run.config import compose, validate
 
 ENGINES = {"hf": ["engine=hf"]}
 if vllm_engine.available() or os.environ.get("RLKIT_REQUIRE_VLLM") == "1":
@@ -59,7 +60,7 @@ def overrides(engine: str, *extra: str) -> list[str]:
 def run_inprocess(run_dir, engine, *extra):
     cfg = compose(overrides(engine, *extra))
     validate(cfg)
-    return run(cfg, run_dir)
+    return train(cfg, run_dir)
 
 
 def start_cli(run_dir, engine, *extra, env=None):
@@ -97,8 +98,8 @@ def wait_for(condition, proc, timeout=120.0):
 
 
 def assert_same_as(reference, run_dir):
-    result = repro.compare(reference, run_dir)
-    assert result.equal, repro.report(result, reference, run_dir)
+    result = compare.compare(reference, run_dir)
+    assert result.equal, compare.report(result, reference, run_dir)
     assert (run_dir / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (run_dir / "adapter" / name).read_bytes() == (
@@ -125,7 +126,7 @@ def test_same_run_twice_is_bitwise_identical_and_another_seed_is_not(
     again = tmp_path / "again"
     run_inprocess(again, engine)
     assert_same_as(reference, again)
-    assert repro.main(["compare", str(reference), str(again)]) == 0
+    assert compare.main(["compare", str(reference), str(again)]) == 0
     assert "bitwise equal" in capsys.readouterr().out
 
     other = tmp_path / "seed1"
@@ -133,7 +134,7 @@ def test_same_run_twice_is_bitwise_identical_and_another_seed_is_not(
     assert (other / "metrics.jsonl").read_bytes() != (reference / "metrics.jsonl").read_bytes()
     adapter = "adapter/adapter_model.safetensors"
     assert (other / adapter).read_bytes() != (reference / adapter).read_bytes()
-    assert repro.main(["compare", str(reference), str(other)]) == 1
+    assert compare.main(["compare", str(reference), str(other)]) == 1
     out = capsys.readouterr().out
     assert "metrics.jsonl first diverges at step -1, metric sft/final_loss" in out, out
     assert "adapter_model.safetensors" in out
@@ -142,19 +143,24 @@ def test_same_run_twice_is_bitwise_identical_and_another_seed_is_not(
 
 
 def test_manifest_records_what_decides_the_bits(reference):
-    manifest = json.loads((reference / "manifest.json").read_text())
-    assert manifest["config"]["seed"] == 0
-    assert manifest["config_hash"] == repro.config_hash(manifest["config"])
-    assert manifest["versions"]["torch"] and manifest["versions"]["peft"]
-    assert "vllm" in manifest["versions"]  # null when not installed
-    git = manifest["git"]  # this test runs from a checkout
-    assert git is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
-    assert manifest["device"]["device"] == "cpu" and manifest["device"]["dtype"] == "float32"
-    assert manifest["engine"] in ENGINES
-    det = manifest["determinism"]
+    record = json.loads((reference / "manifest.json").read_text())
+    assert record["config"]["seed"] == 0
+    assert record["config_hash"] == manifest.config_hash(record["config"])
+    assert record["versions"]["torch"] and record["versions"]["peft"]
+    assert "vllm" in record["versions"]  # null when not installed
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():  # run from a checkout (CI's is a fresh clone): its commit
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True)
+        assert record["git"]["commit"] == head.stdout.decode().strip()
+        assert isinstance(record["git"]["dirty"], bool)
+    else:  # an unpacked sdist: no commit to record
+        assert record["git"] is None
+    assert record["device"]["device"] == "cpu" and record["device"]["dtype"] == "float32"
+    assert record["engine"] in ENGINES
+    det = record["determinism"]
     assert det["torch_deterministic_algorithms"] is True and det["torch_num_threads"] == 1
-    assert manifest["env"]["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-    assert set(repro.KERNEL_ENV_VARS) <= set(manifest["env"])
+    assert record["env"]["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert set(manifest.KERNEL_ENV_VARS) <= set(record["env"])
     # Wall-clock timings live apart, so two runs' metrics can match byte for byte.
     assert "time/" not in (reference / "metrics.jsonl").read_text()
     assert "time/step" in (reference / "timings.jsonl").read_text()
@@ -162,12 +168,15 @@ def test_manifest_records_what_decides_the_bits(reference):
 
 def test_sigkill_at_a_random_point_then_resume_is_exact(reference, engine, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    chooser = random.Random()
+    # The kill point is drawn from a seed that is printed (a failure shows it): replay it with
+    # RLKIT_KILL_SEED=N. Each run draws another point unless the variable is set.
+    seed = int(os.environ.get("RLKIT_KILL_SEED", random.SystemRandom().randrange(2**31)))
+    chooser = random.Random(seed)
     # Somewhere in RL step after_step + 1 (or its checkpoint): a random fraction of half a step
     # past the moment step after_step is logged, a step's time measured on this machine as it
     # runs (half: steps vary, and the kill must land before the run ends).
     after_step, fraction = chooser.randrange(STEPS - 1), chooser.random()
-    print(f"killing {fraction:.2f} of a step after RL step {after_step} is logged")
+    print(f"RLKIT_KILL_SEED={seed}: killing {fraction:.2f} of a step after RL step {after_step}")
     proc = start_cli(run_dir, engine)
     wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), proc)
     first_checkpoint = time.monotonic()
@@ -239,6 +248,6 @@ def test_sigterm_checkpoints_exits_0_and_resume_goes_on_at_the_next_step(
     assert args[:3] == ["python", "-m", "rlkit"] and args[-1] == "resume=auto"
     assert f"hydra.run.dir={run_dir}" in args
     cfg = compose([a for a in args[3:] if not a.startswith("hydra.")])  # the printed command
-    run(cfg, run_dir)
+    train(cfg, run_dir)
     assert f"at RL step {done}" in capsys.readouterr().err
     assert_same_as(reference, run_dir)

@@ -70,7 +70,7 @@ def test_top_level_names():
         "SampledSequence",
         "ForwardBackwardOutput",
     ]:
-        assert hasattr(rlkit.types, attr), attr
+        assert hasattr(rlkit.api.types, attr), attr
 
 
 def test_sdk_types_are_accepted(trainer):
@@ -83,8 +83,8 @@ def test_sdk_types_are_accepted(trainer):
         model_input=tt.ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
     )
-    our_datum = rlkit.types.Datum(
-        model_input=rlkit.types.ModelInput.from_ints(tokens[:-1]),
+    our_datum = rlkit.api.types.Datum(
+        model_input=rlkit.api.types.ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
     )
     sdk_out = trainer.forward([sdk_datum], "cross_entropy").result()
@@ -99,17 +99,17 @@ def test_sdk_types_are_accepted(trainer):
     params = tt.SamplingParams(max_tokens=4, seed=3, temperature=0.7)
     a = sampler.sample(tt.ModelInput.from_ints(prompt), 2, params).result()
     b = sampler.sample(
-        rlkit.types.ModelInput.from_ints(prompt),
+        rlkit.api.types.ModelInput.from_ints(prompt),
         2,
-        rlkit.types.SamplingParams(max_tokens=4, seed=3, temperature=0.7),
+        rlkit.api.types.SamplingParams(max_tokens=4, seed=3, temperature=0.7),
     ).result()
     assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
 
 
 def test_unsupported_sampling_options_are_refused_not_ignored(trainer):
     sampler = trainer.save_weights_and_get_sampling_client()
-    prompt = rlkit.types.ModelInput.from_ints([1, 2])
-    params = rlkit.types.SamplingParams(max_tokens=2)
+    prompt = rlkit.api.types.ModelInput.from_ints([1, 2])
+    params = rlkit.api.types.SamplingParams(max_tokens=2)
     with pytest.raises(NotImplementedError, match="topk_prompt_logprobs=5"):
         sampler.sample(prompt, 1, params, topk_prompt_logprobs=5)
     with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):

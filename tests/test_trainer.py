@@ -11,9 +11,9 @@ import pytest
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from rlkit.config import compose, validate
-from rlkit.rewards.base import RewardError
-from rlkit.trainer import run
+from rlkit.rl.loop import train
+from rlkit.rl.rewards.base import RewardError
+from rlkit.run.config import compose, validate
 
 # A shortened pair_sum run on the tiny model: seconds, not minutes.
 FAST = [
@@ -129,7 +129,7 @@ def test_stop_strings_end_rollouts(tmp_path):
 
 def test_help_lists_groups(tmp_path):
     out = cli(["--help"], cwd=tmp_path).stdout
-    for group in ("reward:", "advantage:", "loss:", "model:", "recipe:"):
+    for group in ("reward:", "advantage:", "loss:", "model:", "recipe: pair_sum"):
         assert group in out, out
 
 
@@ -201,7 +201,9 @@ def test_plugin_reward_from_installed_entry_point(tmp_path):
     dist = site / "myrewards-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myrewards\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[rlkit.rewards]\nseven = myrewards:has_digit_seven\n")
+    (dist / "entry_points.txt").write_text(
+        "[rlkit.rl.rewards]\nseven = myrewards:has_digit_seven\n"
+    )
     run_dir = tmp_path / "run"
     overrides = [o for o in FAST if not o.startswith("reward")]
     cli(
@@ -240,14 +242,14 @@ def test_broken_reward_is_a_clear_error(tmp_path, monkeypatch, fn, message):
     cfg = compose([*FAST, f"+reward.bad._target_=badrewards.{fn}"])
     validate(cfg)
     with pytest.raises(RewardError, match=message):
-        run(cfg, tmp_path / "run")
+        train(cfg, tmp_path / "run")
 
 
 def test_broken_reward_can_skip_its_groups(tmp_path, monkeypatch):
     (tmp_path / "badrewards.py").write_text(BAD_REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = compose([*FAST, "+reward.bad._target_=badrewards.raises", "on_reward_error=skip"])
-    run(cfg, tmp_path / "run")
+    train(cfg, tmp_path / "run")
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     failed = [r["train/failed_reward_groups"] for r in records if "train/failed_reward_groups" in r]
     assert failed == [2, 2, 2]
@@ -313,7 +315,10 @@ def test_recipes_work_from_an_installed_wheel(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("rlkit-*.whl")
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    assert (site / "rlkit" / "conf" / "recipe" / "pair_sum.yaml").exists()
+    # The top-level conf/ and recipes/ land inside the package, and nowhere else.
+    assert (site / "rlkit" / "conf" / "config.yaml").exists()
+    assert (site / "rlkit" / "recipes" / "pair_sum.yaml").exists()
+    assert sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info")) == ["rlkit"]
     env = {**os.environ, "PYTHONPATH": str(site)}
     where = subprocess.run(
         [sys.executable, "-c", "import rlkit; print(rlkit.__file__)"],
@@ -326,3 +331,4 @@ def test_recipes_work_from_an_installed_wheel(tmp_path):
     assert where.stdout.startswith(str(site))
     out = cli(["recipe=pair_sum", "--cfg", "job"], cwd=tmp_path, extra_env=env).stdout
     assert "base_model: rlkit-small" in out
+    assert "recipe: pair_sum" in cli(["--help"], cwd=tmp_path, extra_env=env).stdout

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlkit import types
+from rlkit.api import types
 
 
 def test_model_input_round_trip():

@@ -13,9 +13,9 @@ import os
 import pytest
 import torch
 
-from rlkit import types
-from rlkit.engines import vllm as vllm_engine
-from rlkit.engines.sync import StaleAdapterError
+from rlkit.api import types
+from rlkit.backend.engines import vllm as vllm_engine
+from rlkit.backend.engines.probe import StaleAdapterError
 
 if not vllm_engine.available():
     if os.environ.get("RLKIT_REQUIRE_VLLM") == "1":

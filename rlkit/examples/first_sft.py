@@ -13,7 +13,8 @@ import argparse
 from dataclasses import dataclass
 
 import rlkit as tinker
-from rlkit import sft, types
+from rlkit.api import types
+from rlkit.rl import sft
 
 TRAIN_QUESTIONS = [
     "What is the capital of France?",
@@ -48,7 +49,7 @@ def prompt_tokens(tokenizer, question: str) -> list[int]:
 
 def make_datum(tokenizer, question: str, answer: str) -> types.Datum:
     """Prompt + answer shifted by one; weights are 0 on the prompt, 1 on the answer and its
-    end-of-turn token (see `rlkit.sft.completion_datum`)."""
+    end-of-turn token (see `rlkit.rl.sft.completion_datum`)."""
     return sft.completion_datum(tokenizer, prompt_tokens(tokenizer, question), answer)
 
 

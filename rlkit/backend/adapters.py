@@ -1,0 +1,64 @@
+"""LoRA / DoRA adapters on a base model, through peft.
+
+Which layers get an adapter is chosen by role, as in the hosted API (`train_attn`, `train_mlp`,
+`train_unembed`), and found by looking at the model's own linear layers, so any decoder-only
+architecture works, not only Qwen's layer names.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from rlkit.api.adapter import AdapterSpec
+
+ATTN_MARKERS = ("attn", "attention")
+MLP_MARKERS = ("mlp", "feed_forward", "ffn")
+
+
+def target_modules(model: PreTrainedModel, spec: AdapterSpec) -> list[str]:
+    """Names of the linear layers to adapt, chosen by their role in the network."""
+    unembed = model.get_output_embeddings()
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        path = name.lower()
+        if module is unembed:
+            wanted = spec.train_unembed
+        elif any(m in path for m in ATTN_MARKERS):
+            wanted = spec.train_attn
+        elif any(m in path for m in MLP_MARKERS):
+            wanted = spec.train_mlp
+        else:
+            wanted = False
+        if wanted:
+            names.add(leaf)
+    if not names:
+        raise ValueError(f"no linear layers of {type(model).__name__} match adapter spec {spec}")
+    return sorted(names)
+
+
+def attach(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
+    config = LoraConfig(
+        r=int(spec.rank),
+        lora_alpha=spec.alpha,
+        lora_dropout=0.0,
+        target_modules=target_modules(model, spec),
+        use_dora=spec.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft calls a transformers method that is deprecated in v5; not ours to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        torch.manual_seed(spec.seed)
+        return get_peft_model(model, config)
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,121 @@
+"""Check datums before they reach torch, and turn them into tensors.
+
+Every problem is reported as an `InvalidDatumError` that names the datum's index and the field,
+so a bad batch fails with a sentence rather than an index error deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlkit.api.errors import InvalidDatumError
+from rlkit.api.losses import LossSpec
+from rlkit.api.types import Datum, to_tensor_data, to_token_list
+
+
+@dataclass
+class TokenRow:
+    """One datum as tensors (a row of the padded batch): input tokens (N,), target tokens (N,), float loss inputs (N,)."""
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[0]
+
+
+def _check_ids(where: str, ids: torch.Tensor, vocab_size: int) -> None:
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        pos = int(bad.nonzero()[0, 0])
+        raise InvalidDatumError(
+            f"{where}[{pos}] = {int(ids[pos])} is outside the vocabulary [0, {vocab_size})"
+        )
+
+
+def _to_sequence(i: int, datum: Datum, spec: LossSpec, loss_fn: str, vocab_size: int) -> TokenRow:
+    where = f"datum {i}"
+    if not hasattr(datum, "model_input") or not hasattr(datum, "loss_fn_inputs"):
+        raise InvalidDatumError(f"{where} is a {type(datum).__name__}, not a Datum")
+    tokens = torch.tensor(to_token_list(datum.model_input), dtype=torch.long)
+    n = tokens.shape[0]
+    if n == 0:
+        raise InvalidDatumError(f"{where}: model_input is empty")
+    _check_ids(f"{where}: model_input", tokens, vocab_size)
+
+    required = {"target_tokens", *spec.inputs}
+    given = set(datum.loss_fn_inputs)
+    if missing := sorted(required - given):
+        raise InvalidDatumError(f"{where}: loss {loss_fn!r} needs loss_fn_inputs {missing}")
+    if unknown := sorted(given - required):
+        raise InvalidDatumError(
+            f"{where}: loss {loss_fn!r} does not use loss_fn_inputs {unknown}; "
+            f"it takes {sorted(required)}"
+        )
+
+    tensors = {}
+    for key in sorted(required):
+        value = to_tensor_data(datum.loss_fn_inputs[key]).to_torch()
+        if value.dim() != 1 or value.shape[0] != n:
+            raise InvalidDatumError(
+                f"{where}: loss_fn_inputs[{key!r}] has shape {list(value.shape)}, "
+                f"but model_input has length {n} (expected shape [{n}])"
+            )
+        tensors[key] = value
+    targets = tensors.pop("target_tokens")
+    if targets.is_floating_point() and not torch.equal(targets, targets.round()):
+        raise InvalidDatumError(f"{where}: target_tokens must be integers")
+    targets = targets.long()
+    _check_ids(f"{where}: target_tokens", targets, vocab_size)
+
+    inputs = {}
+    for key, value in tensors.items():
+        value = value.float()
+        if not torch.isfinite(value).all():
+            pos = int((~torch.isfinite(value)).nonzero()[0, 0])
+            raise InvalidDatumError(
+                f"{where}: loss_fn_inputs[{key!r}][{pos}] = {float(value[pos])} is not finite"
+            )
+        inputs[key] = value
+    return TokenRow(tokens=tokens, targets=targets, inputs=inputs)
+
+
+def to_rows(datums, spec: LossSpec, loss_fn: str, vocab_size: int) -> list[TokenRow]:
+    if not isinstance(datums, list | tuple):
+        raise InvalidDatumError(f"expected a list of Datum, got {type(datums).__name__}")
+    if not datums:
+        raise InvalidDatumError("got an empty list of datums; pass at least one Datum")
+    return [_to_sequence(i, d, spec, loss_fn, vocab_size) for i, d in enumerate(datums)]
+
+
+def microbatches(seqs: list[TokenRow], max_tokens: int) -> list[list[int]]:
+    """Indices of `seqs` grouped so that each padded group holds at most `max_tokens` tokens."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, seq in enumerate(seqs):
+        longest_if_added = max(longest, seq.length)
+        if current and longest_if_added * (len(current) + 1) > max_tokens:
+            groups.append(current)
+            current, longest_if_added = [], seq.length
+        current.append(i)
+        longest = longest_if_added
+    groups.append(current)
+    return groups
+
+
+def pad(seqs: list[TokenRow], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (tokens, targets, attention_mask), each (B, T)."""
+    width = max(s.length for s in seqs)
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    targets = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        tokens[row, : s.length] = s.tokens
+        targets[row, : s.length] = s.targets
+        mask[row, : s.length] = 1
+    return tokens, targets, mask

@@ -1,0 +1,255 @@
+"""The machine half behind a training client: base model + adapter + optimizer on one device.
+
+All methods here are synchronous; the client serializes calls to them, and nothing in this file
+is thread-safe on its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from rlkit.api.adapter import AdapterSpec
+from rlkit.api.errors import NoGradientsError, RlkitError
+from rlkit.api.losses import get_loss
+from rlkit.api.types import (
+    AdamParams,
+    ForwardBackwardOutput,
+    OptimStepResponse,
+    SampledSequence,
+    TensorData,
+)
+from rlkit.backend import adapters, models
+from rlkit.backend.batching import TokenRow, microbatches, pad, to_rows
+from rlkit.backend.engines.base import Engine, Request
+from rlkit.backend.engines.probe import Snapshot, check_probe, probe_tokens
+from rlkit.backend.engines.registry import EngineSettings
+
+STATE_FILE = "rlkit_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Learner:
+    def __init__(
+        self,
+        base_model: str,
+        spec: AdapterSpec,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        tokens_per_microbatch: int = 8192,
+        engine: EngineSettings | None = None,
+    ) -> None:
+        self.base_model = base_model
+        self.spec = spec
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype
+        self.tokens_per_microbatch = tokens_per_microbatch
+        self.tokenizer = models.load_tokenizer(base_model)  # cheap: fails fast on a bad name
+        base = models.load_model(base_model, dtype=dtype, device=self.device)
+        self.model = adapters.attach(base, spec)
+        self.params = adapters.trainable_parameters(self.model)
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        # lr and betas are set from AdamParams at every step.
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=0.0)
+        self.step = 0
+        self.pending_datums = 0  # datums whose gradients wait for the next optim_step
+        self.engine = engine or EngineSettings.parse()
+        self.probe_tolerance = self.engine.probe_tolerance or (
+            1e-3 if dtype == torch.float32 else 5e-2
+        )
+        self.probe_tokens = probe_tokens(self.vocab_size)
+        self._engine_instance: Engine | None = None  # built on first sync
+        self._served: Snapshot | None = None  # what the engine served before the last sync
+
+    # ---- forward / backward -------------------------------------------------------------
+    def _logprobs(self, seqs: list[TokenRow]) -> list[torch.Tensor]:
+        tokens, targets, mask = (t.to(self.device) for t in pad(seqs, self.tokenizer.pad_token_id))
+        logits = self.model(input_ids=tokens, attention_mask=mask).logits.float()
+        flat = -torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), reduction="none"
+        )
+        per_token = flat.view(targets.shape)
+        return [per_token[row, : s.length] for row, s in enumerate(seqs)]
+
+    def forward(self, datums, loss_fn: str, loss_fn_config: dict | None, backward: bool):
+        spec = get_loss(loss_fn)
+        config = spec.resolve_config(loss_fn, loss_fn_config)
+        seqs = to_rows(datums, spec, loss_fn, self.vocab_size)
+        outputs: list[dict[str, TensorData]] = [{} for _ in seqs]
+        total = 0.0
+        self.model.train(backward)
+        for group in microbatches(seqs, self.tokens_per_microbatch):
+            with torch.set_grad_enabled(backward):
+                logprobs = self._logprobs([seqs[i] for i in group])
+                losses = []
+                for i, lp in zip(group, logprobs, strict=True):
+                    inputs = {k: v.to(self.device) for k, v in seqs[i].inputs.items()}
+                    elementwise = spec.fn(lp, inputs, **config)
+                    losses.append(elementwise.sum())
+                    outputs[i] = {
+                        "logprobs": TensorData.from_torch(lp.float()),
+                        "elementwise_loss": TensorData.from_torch(elementwise.float()),
+                    }
+                loss = torch.stack(losses).sum()
+            if backward:
+                loss.backward()
+            total += float(loss.detach())
+        if backward:
+            self.pending_datums += len(seqs)
+        return ForwardBackwardOutput(
+            loss_fn_output_type=loss_fn, loss_fn_outputs=outputs, metrics={"loss:sum": total}
+        )
+
+    def optim_step(self, adam: AdamParams) -> OptimStepResponse:
+        if self.pending_datums == 0:
+            raise NoGradientsError(
+                "optim_step called with no gradients accumulated: call forward_backward first"
+            )
+        params = list(self.params.values())
+        max_norm = adam.grad_clip_norm if adam.grad_clip_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.pending_datums = 0
+            raise RlkitError(f"gradient norm is {grad_norm}; step skipped and gradients cleared")
+        for group in self.optimizer.param_groups:
+            group.update(
+                lr=adam.learning_rate,
+                betas=(adam.beta1, adam.beta2),
+                eps=adam.eps,
+                weight_decay=adam.weight_decay,
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_datums = 0
+        self.step += 1
+        return OptimStepResponse(
+            metrics={"grad_norm": grad_norm, "learning_rate": adam.learning_rate}
+        )
+
+    # ---- weights for sampling -----------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """The adapter as it is now, plus the trainer's logprobs on the probe tokens under it."""
+        tensors = {name: p.detach().clone() for name, p in self.params.items()}
+        return Snapshot(tensors, self._probe_logprobs())
+
+    @torch.no_grad()
+    def _probe_logprobs(self) -> torch.Tensor:
+        training = self.model.training
+        self.model.eval()  # no dropout: the engine's forward pass has none
+        try:
+            tokens = torch.tensor(self.probe_tokens)
+            return self._logprobs([TokenRow(tokens[:-1], tokens[1:], {})])[0].cpu()
+        finally:
+            self.model.train(training)
+
+    def _engine(self) -> Engine:
+        if self._engine_instance is None:
+            self._engine_instance = self.engine.build(self)
+        return self._engine_instance
+
+    def sync(self, key: int, snapshot: Snapshot) -> dict[str, float]:
+        """Make the engine serve `snapshot` and check that it does (see `check_probe`)."""
+        engine = self._engine()
+        if engine.loaded_key == key:
+            return {}
+        t = time.perf_counter()
+        engine.load(key, snapshot.tensors)
+        served = torch.tensor(engine.prompt_logprobs(self.probe_tokens)[1:])
+        mismatch = check_probe(served, snapshot, self._served, self.probe_tolerance, engine.name)
+        self._served = snapshot
+        return {"sync/seconds": time.perf_counter() - t, "sync/probe_mismatch": mismatch}
+
+    def check_context(self, prompt: list[int], max_tokens: int | None) -> int:
+        context = self.model.config.max_position_embeddings
+        limit = context - len(prompt)
+        max_tokens = max_tokens or limit
+        if max_tokens > limit:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                f"context of {context} tokens"
+            )
+        return max_tokens
+
+    def sample(self, batch: list[tuple[int, Snapshot, Request]]) -> list[list[SampledSequence]]:
+        """Serve queued requests, in order, one engine call per run of the same snapshot."""
+        results: list[list[SampledSequence]] = []
+        for (key, snapshot), run in itertools.groupby(batch, key=lambda item: item[:2]):
+            self.sync(key, snapshot)
+            results += self._engine().sample([request for _, _, request in run])
+        return results
+
+    def prompt_logprobs(self, key: int, snapshot: Snapshot, prompt: list[int]):
+        if len(prompt) < 2:
+            return [None] * len(prompt)
+        self.sync(key, snapshot)
+        return self._engine().prompt_logprobs(prompt)
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save(self, path: Path, with_optimizer: bool) -> Path:
+        """Write adapter (peft format, safetensors) [+ optimizer] to `path`, atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            # The base output layer is frozen: an adapter on it needs no copy of its weights.
+            self.model.save_pretrained(staging, save_embedding_layers=False)
+            if with_optimizer:
+                torch.save(self.optimizer.state_dict(), staging / OPTIMIZER_FILE)
+            state = {
+                "base_model": self.base_model,
+                "adapter": self.spec.to_dict(),
+                "step": self.step,
+            }
+            (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(staging, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return path
+
+    def load(self, path: Path, with_optimizer: bool) -> None:
+        state = read_state(path)
+        if state["base_model"] != self.base_model or state["adapter"]["rank"] != self.spec.rank:
+            raise RlkitError(
+                f"checkpoint {path} is for base_model={state['base_model']!r} "
+                f"rank={state['adapter']['rank']}, but this client has "
+                f"base_model={self.base_model!r} rank={self.spec.rank}"
+            )
+        optimizer_state = None
+        if with_optimizer:  # read first: a file that is refused leaves the model untouched
+            opt_file = path / OPTIMIZER_FILE
+            if not opt_file.exists():
+                raise RlkitError(f"checkpoint {path} has no optimizer state (saved for sampler?)")
+            # weights_only: tensors and plain containers; any other pickled object is refused.
+            optimizer_state = torch.load(opt_file, map_location=self.device, weights_only=True)
+        weights = load_file(path / "adapter_model.safetensors", device=str(self.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        if result.unexpected_keys:
+            raise RlkitError(f"checkpoint {path} has unexpected tensors {result.unexpected_keys}")
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.step = state["step"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_datums = 0
+
+
+def read_state(path: Path) -> dict:
+    """The rlkit metadata of a saved checkpoint directory; a clear error if it is not one."""
+    state_file = Path(path) / STATE_FILE
+    if not state_file.exists():
+        raise RlkitError(f"{path} is not an rlkit checkpoint (no {STATE_FILE})")
+    return json.loads(state_file.read_text())

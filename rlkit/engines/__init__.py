@@ -1,1 +1,0 @@
-"""Rollout engines: they turn a prompt and SamplingParams into sampled sequences."""

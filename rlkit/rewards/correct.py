@@ -1,8 +1,0 @@
-"""correct: 1 when the tagged answer equals the problem's reference answer, else 0."""
-
-from rlkit.envs.base import Problem
-from rlkit.rewards.base import parse_answer
-
-
-def correct_reward(completions: list[str], problem: Problem) -> list[float]:
-    return [float(parse_answer(c) == problem.answer) for c in completions]

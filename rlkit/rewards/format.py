@@ -1,8 +1,0 @@
-"""format: 1 when the completion has a parsable `<answer>...</answer>` tag, else 0."""
-
-from rlkit.envs.base import Problem
-from rlkit.rewards.base import parse_answer
-
-
-def format_reward(completions: list[str], problem: Problem) -> list[float]:
-    return [float(parse_answer(c) is not None) for c in completions]

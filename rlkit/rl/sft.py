@@ -1,0 +1,78 @@
+"""The supervised loop: cross_entropy on (prompt, completion) pairs through the training API.
+
+Used by the RL trainer's warm start (worked solutions from the environment) and usable alone.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+from rlkit.api import types
+from rlkit.rl.envs.base import Env, Problem
+
+
+def prompt_tokens(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """The chat-formatted prompt, ending where the assistant's reply starts."""
+    return tokenizer.apply_chat_template(
+        list(messages), add_generation_prompt=True, return_dict=False
+    )
+
+
+def completion_datum(tokenizer, prompt: list[int], completion: str) -> types.Datum:
+    """A datum that trains on the completion and its end-of-turn token, never on the prompt."""
+    reply = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+    tokens = prompt + reply
+    weights = [0.0] * (len(prompt) - 1) + [1.0] * len(reply)
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
+    )
+
+
+def train(
+    trainer,
+    make_batch: Callable[[int], list[types.Datum]],
+    steps: int,
+    adam: types.AdamParams,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[float]:
+    """`steps` rounds of forward_backward + optim_step; returns the mean loss per target token.
+
+    The next batch is built while the current step runs (the calls return futures).
+    """
+    losses = []
+    batch = make_batch(0)
+    for step in range(steps):
+        fwd_bwd = trainer.forward_backward(batch, loss_fn="cross_entropy")
+        optim = trainer.optim_step(adam)
+        tokens = sum(sum(d.loss_fn_inputs["weights"].tolist()) for d in batch)
+        if step + 1 < steps:
+            batch = make_batch(step + 1)
+        losses.append(fwd_bwd.result().metrics["loss:sum"] / max(tokens, 1.0))
+        optim.result()
+        if on_step:
+            on_step(step, {"sft/loss": losses[-1]})
+    return losses
+
+
+def warm_start(
+    trainer,
+    env: Env,
+    rng: random.Random,
+    steps: int,
+    batch_size: int,
+    adam: types.AdamParams,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[float]:
+    """Supervised steps on the environment's worked solutions."""
+    tokenizer = trainer.get_tokenizer()
+
+    def make_batch(_step: int) -> list[types.Datum]:
+        problems: list[Problem] = env.sample(rng, batch_size)
+        return [
+            completion_datum(tokenizer, prompt_tokens(tokenizer, p.messages), env.solution(p))
+            for p in problems
+        ]
+
+    return train(trainer, make_batch, steps, adam, on_step)

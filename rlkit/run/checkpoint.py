@@ -1,0 +1,382 @@
+"""Atomic checkpoints, exact resume, and a graceful stop on Ctrl-C / SIGTERM.
+
+A checkpoint is `RUN_DIR/checkpoints/step_NNNNNN/`: everything needed to go on from RL step N
+(N steps done) exactly as if the run had never stopped.
+
+    state/               the training client's `save_state`: adapter (peft, safetensors),
+                         optimizer (tensors only; read back with torch.load(weights_only=True),
+                         which refuses any pickled object), the learner's step
+    rng.safetensors      torch RNG states (CPU, every CUDA device)
+    trainer_state.json   the step, python and numpy RNG states, the resolved config
+    outputs/             metrics.jsonl, timings.jsonl, samples.jsonl as they were at step N
+    checksums.json       sha256 of every file above; written last: a checkpoint is complete when
+                         it exists and every file matches
+
+Problems and sampling seeds are derived from (seed, step, ...) (see rlkit.run.seeds), so there is no
+data position to save: the step is the position.
+
+Writing goes to `.tmp-step_NNNNNN-PID/`, every file and directory is fsynced, the directory is
+renamed into place, and the `latest` pointer file is replaced last; then checkpoints beyond
+`keep_last` are deleted. A crash at any point leaves the earlier checkpoints intact and at worst
+a `.tmp-*` directory, which resume deletes.
+
+Resume (`resume=auto`) takes the newest checkpoint that verifies; a corrupt or partial one, or
+one holding a pickled object, is skipped with a warning for the one before it. The run's output
+files are rewritten from the checkpoint's copies, so metrics.jsonl ends up byte-identical to an
+uninterrupted run's.
+
+Fault injection for tests: RLKIT_FAULT=kill-in-checkpoint:N makes the process SIGKILL itself
+halfway through writing the checkpoint of step N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import pickle
+import random
+import shlex
+import shutil
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from omegaconf import DictConfig
+from rich.markup import escape
+from safetensors.torch import load_file, save_file
+
+from rlkit.run.config import ConfigError, plain
+from rlkit.run.manifest import NOT_HASHED, flatten
+from rlkit.run.outputs import console, read_history
+
+OUTPUT_FILES = ("metrics.jsonl", "timings.jsonl", "samples.jsonl")
+CHECKSUMS = "checksums.json"
+PREFIX = "step_"
+
+
+@dataclass
+class Resumed:
+    """Where a run starts: step 0 of a fresh run, or the step of the checkpoint it restored."""
+
+    step: int = 0
+    # The checkpoint directory restored from; None for a fresh run.
+    path: Path | None = None
+    # The RL steps' metrics (with timings) before `step`, so plots and summaries continue.
+    history: list[dict] = field(default_factory=list)
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints under `run_dir/checkpoints`."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig) -> None:
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
+        self.cfg = cfg
+        self.trainer = None  # set by resume()
+        self.every = cfg.checkpoint.every
+        self.keep_last = cfg.checkpoint.keep_last
+        self.resumed = Resumed()
+        self.stopped = False
+        if cfg.resume == "never" and (
+            self.checkpoints() or (self.run_dir / OUTPUT_FILES[0]).exists()
+        ):
+            raise ConfigError(
+                f"{self.run_dir} already holds a run; continue it with resume=auto, "
+                "or choose another hydra.run.dir"
+            )
+
+    # ---- the hook the training loop calls ------------------------------------------------------
+    def reached(self, step: int) -> bool:
+        """Call before RL step `step` (when `step` steps are done): writes a checkpoint when one
+        is due, and returns True, after writing one, if Ctrl-C / SIGTERM asked the run to stop."""
+        due = step == self.cfg.steps or (self.every and step % self.every == 0) or STOP.requested
+        if due and not (self.resumed.path and step == self.resumed.step):  # that one is on disk
+            self.save(step)
+        if STOP.requested:
+            self.stopped = True
+            _say(
+                f"[bold]stopped[/bold] by {STOP.requested} with {step} of {self.cfg.steps} RL steps "
+                f"done; checkpoint in {escape(str(self.dir))}. Continue with:\n  "
+                + escape(resume_command(self.run_dir))
+            )
+        return self.stopped
+
+    # ---- saving --------------------------------------------------------------------------------
+    def save(self, step: int) -> Path:
+        name = f"{PREFIX}{step:06d}"
+        tmp = self.dir / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = self.trainer.save_state(name).result().path
+        shutil.move(state, tmp / "state")
+        with contextlib.suppress(OSError):  # the client's now empty staging folder
+            Path(state).parent.rmdir()
+        save_file(torch_rng_states(), tmp / "rng.safetensors")
+        trainer_state = {
+            "step": step,
+            "python_rng": random.getstate(),
+            "numpy_rng": _numpy_state(),
+            "config": plain(self.cfg),
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+        (tmp / "outputs").mkdir()
+        for file in OUTPUT_FILES:
+            if (self.run_dir / file).exists():
+                shutil.copy2(self.run_dir / file, tmp / "outputs" / file)
+        _fault_point(step)
+        sums = {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(_files(tmp))}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True))
+        for path in [*_files(tmp), *_dirs(tmp)]:
+            _fsync(path)
+        final = self.dir / name
+        if final.exists():  # a step saved again (a run restarted from scratch): replace it
+            trash = self.dir / f".tmp-old-{name}-{os.getpid()}"
+            os.replace(final, trash)
+            shutil.rmtree(trash)
+        os.replace(tmp, final)
+        _fsync(self.dir)
+        pointer = self.dir / f".latest-{os.getpid()}"
+        pointer.write_text(name + "\n")
+        _fsync(pointer)
+        os.replace(pointer, self.dir / "latest")
+        _fsync(self.dir)
+        # Only older ones: newer ones (left by a run that fell back past them) are overwritten.
+        older = [p for p in self.checkpoints() if _step_of(p) < step]
+        for old in older[self.keep_last - 1 :]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint directories, newest first (complete or not: see `verify`)."""
+        if not self.dir.is_dir():
+            return []
+        found = [p for p in self.dir.glob(f"{PREFIX}*") if p.is_dir() and _step_of(p) >= 0]
+        return sorted(found, key=_step_of, reverse=True)
+
+    # ---- resuming ------------------------------------------------------------------------------
+    def resume(self, trainer) -> Resumed:
+        """Restore `trainer` and the run's outputs from the newest complete checkpoint when
+        `cfg.resume` is auto; a fresh start (step 0) otherwise or when there is none."""
+        self.trainer = trainer
+        for partial in self.dir.glob(".tmp-*") if self.dir.is_dir() else []:
+            _say(f"[yellow]removing partial checkpoint {escape(str(partial))}")
+            shutil.rmtree(partial, ignore_errors=True)
+        for pointer in self.dir.glob(".latest-*") if self.dir.is_dir() else []:
+            pointer.unlink(missing_ok=True)
+        candidates = self.checkpoints() if self.cfg.resume == "auto" else []
+        for path in candidates:
+            problem = verify(path) or self._load(path)
+            if problem is None:
+                return self.resumed
+            _say(f"[yellow]warning: skipping checkpoint {escape(str(path))}: {escape(problem)}")
+        if candidates:
+            _say(
+                f"[yellow]warning: no complete checkpoint in {escape(str(self.dir))}; starting over"
+            )
+        elif self.cfg.resume == "auto":
+            _say(f"resume=auto: no checkpoint in {escape(str(self.dir))} yet; starting at step 0")
+        return self._fresh()
+
+    def _fresh(self) -> Resumed:
+        for file in OUTPUT_FILES:
+            (self.run_dir / file).unlink(missing_ok=True)
+        self.resumed = Resumed()
+        return self.resumed
+
+    def _load(self, path: Path) -> str | None:
+        """Restore the checkpoint at `path` (already verified); a reason if it is refused."""
+        try:
+            self.trainer.load_state(str(path / "state")).result()
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0]
+            return f"refused: it holds a pickled object, not plain tensors ({first})"
+        state = json.loads((path / "trainer_state.json").read_text())
+        set_torch_rng_states(load_file(path / "rng.safetensors"))
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        for file in OUTPUT_FILES:
+            saved, live = path / "outputs" / file, self.run_dir / file
+            if saved.exists():
+                shutil.copyfile(saved, live)
+            else:
+                live.unlink(missing_ok=True)
+        warn_config_changes(state["config"], plain(self.cfg))
+        history = read_history(self.run_dir / OUTPUT_FILES[0], self.run_dir / OUTPUT_FILES[1])
+        self.resumed = Resumed(step=state["step"], path=path, history=history)
+        _say(f"resuming from {escape(str(path))} at RL step {state['step']}")
+        return None
+
+    @property
+    def resumed_from(self) -> dict | None:
+        """For the manifest: which checkpoint this process started from."""
+        if self.resumed.path is None:
+            return None
+        return {"checkpoint": str(self.resumed.path), "step": self.resumed.step}
+
+
+def _say(message: str) -> None:
+    console.print(message, soft_wrap=True)  # unwrapped: paths and commands stay copy-pastable
+
+
+def verify(path: Path) -> str | None:
+    """None when every file listed in checksums.json is there and matches; else the problem."""
+    try:
+        sums = json.loads((path / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return f"incomplete (no {CHECKSUMS}: the write did not finish)"
+    except (OSError, ValueError) as exc:
+        return f"unreadable {CHECKSUMS} ({exc})"
+    for rel in ("trainer_state.json", "rng.safetensors", "state/adapter_model.safetensors"):
+        if rel not in sums:
+            return f"{CHECKSUMS} does not list {rel}"
+    for rel, digest in sums.items():
+        if not (path / rel).is_file():
+            return f"{rel} is missing"
+        if sha256(path / rel) != digest:
+            return f"{rel} does not match its checksum (truncated or corrupt)"
+    return None
+
+
+def warn_config_changes(saved: dict, current: dict) -> list[str]:
+    """Warn, naming the keys, when the config differs from the one the checkpoint was saved with."""
+    flat_saved = {k: v for k, v in flatten(saved).items() if k not in NOT_HASHED}
+    flat_now = {k: v for k, v in flatten(current).items() if k not in NOT_HASHED}
+    changed = sorted(
+        k
+        for k in flat_saved.keys() | flat_now.keys()
+        if flat_saved.get(k, "<absent>") != flat_now.get(k, "<absent>")
+    )
+    if changed:
+        details = ", ".join(
+            f"{k} ({flat_saved.get(k, '<absent>')!r} -> {flat_now.get(k, '<absent>')!r})"
+            for k in changed
+        )
+        _say(
+            "[yellow]warning: resuming with a config that differs from the checkpoint's: "
+            f"{escape(details)}; the run will not match an uninterrupted one"
+        )
+    return changed
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in `run_dir` (from Hydra's record of the overrides)."""
+    overrides_file = Path(run_dir) / ".hydra" / "overrides.yaml"
+    tail = [f"hydra.run.dir={run_dir}", "resume=auto"]
+    if not overrides_file.exists():
+        return "python -m rlkit YOUR_OVERRIDES " + shlex.join(tail)
+    overrides = yaml.safe_load(overrides_file.read_text()) or []
+    kept = [o for o in overrides if not o.startswith(("resume=", "hydra.run.dir="))]
+    return shlex.join(["python", "-m", "rlkit", *kept, *tail])
+
+
+# ---- RNG states -----------------------------------------------------------------------------------
+def torch_rng_states() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda:{i}"] = state
+    return states
+
+
+def set_torch_rng_states(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("cuda:")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _step_of(path: Path) -> int:
+    digits = path.name[len(PREFIX) :]
+    return int(digits) if digits.isdigit() else -1
+
+
+def _numpy_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+# ---- files ----------------------------------------------------------------------------------------
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(functools.partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def _dirs(root: Path) -> list[Path]:
+    return [*(p for p in root.rglob("*") if p.is_dir()), root]
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entry to disk (directories: where the OS allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _fault_point(step: int) -> None:
+    if os.environ.get("RLKIT_FAULT") == f"kill-in-checkpoint:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- graceful stop --------------------------------------------------------------------------------
+class _StopRequest:
+    """Set by the first Ctrl-C / SIGTERM; a second one aborts at once."""
+
+    requested: str | None = None
+
+
+STOP = _StopRequest()
+
+
+def _on_signal(signum, _frame) -> None:
+    name = signal.Signals(signum).name
+    if STOP.requested:
+        signal.signal(signum, signal.SIG_DFL)
+        raise KeyboardInterrupt(f"second {name}: stopping now, without a checkpoint")
+    STOP.requested = name
+    _say(
+        f"[bold]{name}[/bold]: finishing the current step, then writing a checkpoint "
+        "(send it again to stop at once)"
+    )
+
+
+def stop_on_signals(fn):
+    """While `fn` runs (in the main thread), Ctrl-C and SIGTERM only set `STOP.requested`; the
+    loop sees it through `Checkpointer.reached`. The previous handlers come back afterwards."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return fn(*args, **kwargs)
+        STOP.requested = None
+        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            STOP.requested = None
+
+    return wrapper

@@ -1,0 +1,383 @@
+"""The run's structured config: Hydra composes YAML into these dataclasses.
+
+Typed fields make a typo'd key or a wrong type fail at composition, naming the full key path.
+`validate` then checks what types cannot (ranges, loss names, that every `_target_` imports and
+binds its arguments) before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from rlkit.api.adapter import AdapterSpec
+from rlkit.api.errors import RlkitError
+from rlkit.api.types import AdamParams
+
+
+class ConfigError(RlkitError, ValueError):
+    """A config value that composes but cannot work; the message names its key path."""
+
+
+# Enumerations: the schema rejects any other value when Hydra composes, naming the key.
+class DType(StrEnum):
+    auto = "auto"  # bfloat16 on GPU, float32 on CPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Schedule(StrEnum):
+    constant = "constant"
+    linear = "linear"  # from lr at step 0 down to 0 after the last step
+
+
+class Resume(StrEnum):
+    never = "never"  # a fresh run dir
+    auto = "auto"  # continue from its newest complete checkpoint, if any
+
+
+# raise: stop the run, naming the reward; skip: count the group in train/failed_reward_groups
+# and skip it. (`raise` is a keyword, hence the functional form: the schema matches by name.)
+OnRewardError = StrEnum("OnRewardError", {"raise": "raise", "skip": "skip"})
+
+
+@dataclass
+class ModelConfig:
+    # Built-in name (rlkit-tiny, rlkit-small), local directory, or hub id.
+    base_model: str = MISSING
+    # float32, bfloat16, float16, or auto (bfloat16 on GPU, float32 on CPU).
+    dtype: DType = DType.auto
+    # cpu, cuda, cuda:N, mps, or auto.
+    device: str = "auto"
+
+
+def derived(cls: type, name: str, rename: dict | None = None, drop=(), extra=()) -> type:
+    """A config dataclass with the fields (and defaults) of `cls`, so a setting is declared once:
+    `rename` maps field names to config keys, `drop` leaves fields out, `extra` adds
+    (name, type, default) fields of the config's own."""
+    rename = rename or {}
+    fields = [
+        (rename.get(f.name, f.name), f.type, field(default=f.default))
+        for f in dataclasses.fields(cls)
+        if f.name not in drop
+    ]
+    fields += [(key, kind, field(default=default)) for key, kind, default in extra]
+    return dataclasses.make_dataclass(name, fields)
+
+
+# adapter.*: AdapterSpec's fields; the adapter's seed is the run's `seed`.
+AdapterConfig = derived(AdapterSpec, "AdapterConfig", drop=("seed",))
+# optim.*: AdamParams' fields (learning_rate is `lr`), and the learning-rate schedule.
+OPTIM_RENAME = {"learning_rate": "lr"}
+OptimConfig = derived(
+    AdamParams,
+    "OptimConfig",
+    rename=OPTIM_RENAME,
+    extra=[("schedule", Schedule, Schedule.constant)],
+)
+
+
+@dataclass
+class LossConfig:
+    # A name from the loss registry (rlkit.api.losses).
+    name: str = "importance_sampling"
+    # loss_fn_config passed to forward_backward (e.g. clip thresholds).
+    config: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class WarmupConfig:
+    # Supervised steps on the env's worked solutions before RL; 0 skips the warm start.
+    steps: int = 0
+    batch_size: int = 32
+    lr: float = 3e-3
+
+
+@dataclass
+class DeterminismConfig:
+    # torch.use_deterministic_algorithms (costs: see conf/determinism/strict.yaml).
+    deterministic_algorithms: bool = True
+    # Only warn when an op has no deterministic implementation, instead of raising.
+    warn_only: bool = False
+    # CUBLAS_WORKSPACE_CONFIG (GPU); "" leaves the environment's value.
+    cublas_workspace: str = ":4096:8"
+    # VLLM_BATCH_INVARIANT for the vLLM engine (GPU, compute capability >= 8.0).
+    vllm_batch_invariant: bool = False
+    # torch intra-op threads; 0 keeps torch's default (one per core).
+    num_threads: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    # Checkpoint every N RL steps (and at the end, and on Ctrl-C / SIGTERM); 0: only those.
+    every: int = 10
+    # Complete checkpoints kept; older ones are deleted.
+    keep_last: int = 2
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    # `_target_` of an Env class and its arguments.
+    env: Any = MISSING
+    # name -> {_target_: reward function or class, weight: float, ...its arguments}.
+    reward: dict[str, Any] = field(default_factory=dict)
+    # `_target_` of an advantage function and its arguments.
+    advantage: Any = MISSING
+    loss: LossConfig = field(default_factory=LossConfig)
+    # `_target_` of a rollout engine class and its options (see conf/engine/).
+    engine: Any = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    determinism: DeterminismConfig = field(default_factory=DeterminismConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # never (a fresh run dir), or auto (continue from its newest complete checkpoint, if any).
+    resume: Resume = Resume.never
+    # Extra metric sinks (`_target_` of a logger class), or null.
+    logger: Any = None
+    seed: int = 0
+    steps: int = 20
+    groups_per_step: int = 8
+    group_size: int = 8
+    max_tokens: int = 64
+    temperature: float = 1.0
+    # Stop strings for rollouts and eval (the end-of-turn token always stops), e.g. ["</answer>"].
+    stop: list[str] = field(default_factory=list)
+    # Greedy eval on the held-out set every N steps (and at the start and the end).
+    eval_every: int = 10
+    # Write sample completions every N steps.
+    samples_every: int = 10
+    # What a reward that raises or returns a non-finite value does: raise, or skip its group.
+    on_reward_error: OnRewardError = OnRewardError["raise"]
+
+
+# Where the YAML lives: top-level conf/ and recipes/ in a source checkout; inside the package
+# (rlkit/conf, rlkit/recipes) in an installed wheel, where the build copies them.
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def _data_dir(name: str) -> Path:
+    installed = _PACKAGE / name
+    return installed if installed.is_dir() else _PACKAGE.parent / name
+
+
+CONF_DIR = _data_dir("conf")
+RECIPES_DIR = _data_dir("recipes")
+
+
+def register() -> None:
+    """The schema and the recipes (one YAML each in recipes/, the `recipe` group), into Hydra's
+    config store; call before composing."""
+    store = ConfigStore.instance()
+    store.store(name="rlkit_schema", node=RunConfig)
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+POSITIVE_INTS = (
+    "steps",
+    "groups_per_step",
+    "group_size",
+    "max_tokens",
+    "eval_every",
+    "samples_every",
+    "adapter.rank",
+    "warmup.batch_size",
+    "checkpoint.keep_last",
+)
+NON_NEGATIVE = (
+    "temperature",
+    "optim.lr",
+    "optim.eps",
+    "optim.weight_decay",
+    "optim.grad_clip_norm",
+    "warmup.steps",
+    "warmup.lr",
+    "adapter.alpha",
+    "determinism.num_threads",
+    "checkpoint.every",
+)
+TYPED_SECTIONS = ("model", "adapter", "loss", "optim", "warmup", "determinism", "checkpoint")
+DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    """`+key=value` adds keys even to typed sections; reject any the schema does not know."""
+    schema = OmegaConf.structured(RunConfig)
+    known = set(schema.keys())  # `in` would skip keys whose value is MISSING
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+    for section in TYPED_SECTIONS:
+        for key in cfg[section]:
+            if key not in set(schema[section].keys()):
+                raise ConfigError(
+                    f"unknown key '{section}.{key}'; {section} has: {', '.join(schema[section])}"
+                )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Everything that can be checked without loading a model; raises ConfigError.
+
+    Enumerations (model.dtype, optim.schedule, resume, on_reward_error) and types are checked
+    by the schema when Hydra composes the config."""
+    _check_known_keys(cfg)
+    for key in POSITIVE_INTS:
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
+    for key in ("optim.beta1", "optim.beta2"):
+        if not 0 <= OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}")
+    if any(not text for text in cfg.stop):
+        raise ConfigError(f"stop must be a list of non-empty strings, got {list(cfg.stop)}")
+    if not DEVICE_RE.fullmatch(cfg.model.device):
+        raise ConfigError(
+            f"model.device must be auto, cpu, mps, cuda or cuda:N; got {cfg.model.device!r}"
+        )
+    workspace = cfg.determinism.cublas_workspace
+    if workspace and not re.fullmatch(r":\d+:\d+(,:\d+:\d+)*", workspace):
+        raise ConfigError(
+            f"determinism.cublas_workspace must look like ':4096:8' (or be empty), got {workspace!r}"
+        )
+    _validate_engine(cfg.engine)
+    _validate_loss(cfg.loss)
+    if not cfg.reward:
+        raise ConfigError("reward is empty: select at least one, e.g. reward=[format,correct]")
+    check_target("env", cfg.env)
+    check_target("advantage", cfg.advantage, runtime_args=1)
+    for name, entry in cfg.reward.items():
+        check_target(f"reward.{name}", entry, runtime_args=2, extra=("weight",))
+    if cfg.logger:  # logger=none composes to an empty node
+        check_target("logger", cfg.logger, runtime_kwargs=("run_dir", "run_config"))
+
+
+def engine_args(engine: DictConfig) -> dict[str, Any]:
+    """`engine` as ServiceClient arguments: the engine class's path and its options."""
+    options = {k: v for k, v in plain(engine).items() if k != "_target_"}
+    return {"engine": engine._target_, "engine_options": options}
+
+
+def _validate_engine(engine: DictConfig) -> None:
+    if not isinstance(engine, DictConfig) or "_target_" not in engine:
+        raise ConfigError("engine needs a _target_ (an engine class, see conf/engine/)")
+    from rlkit.client import EngineSettings  # the engine's own options decide what is valid
+
+    try:
+        EngineSettings.parse(**engine_args(engine), where="engine.")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _validate_loss(loss: DictConfig) -> None:
+    from rlkit.api.losses import get_loss
+
+    try:
+        spec = get_loss(loss.name)
+        if "advantages" not in spec.inputs:
+            raise ConfigError(
+                f"loss.name={loss.name!r} is not a policy-gradient loss (no advantages)"
+            )
+        spec.resolve_config(loss.name, OmegaConf.to_container(loss.config))
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"loss: {exc}") from None
+
+
+def plain(cfg: DictConfig) -> dict:
+    """The config as plain, JSON-ready containers (enumerations as their names)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def adam_params(optim: DictConfig, **changes: float) -> AdamParams:
+    """`optim.*` as the API's AdamParams (the same fields; `lr` is learning_rate)."""
+    names = {f.name for f in dataclasses.fields(AdamParams)}
+    keys = {OPTIM_RENAME.get(n, n): n for n in names}
+    return AdamParams(**{keys[k]: v for k, v in optim.items() if k in keys}, **changes)
+
+
+def adapter_args(adapter: DictConfig) -> dict[str, Any]:
+    """`adapter.*` as keyword arguments of create_lora_training_client (`alpha` is lora_alpha)."""
+    args = {k: v for k, v in plain(adapter).items()}
+    args["lora_alpha"] = args.pop("alpha")
+    return args
+
+
+def import_target(path: str) -> Any:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"cannot import {path!r}: {exc}") from None
+
+
+def check_target(
+    key: str,
+    node: Any,
+    runtime_args: int = 0,
+    runtime_kwargs: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (),
+) -> None:
+    """`node._target_` imports, and its signature binds the configured arguments.
+
+    `runtime_args` positional and `runtime_kwargs` keyword arguments are supplied by the
+    trainer later; keys in `extra` are read by rlkit itself and not passed on.
+    """
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"{key} needs a _target_ (a dotted path to a function or class)")
+    target = import_target(node._target_)
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_") and k not in extra}
+    kwargs.update(dict.fromkeys(runtime_kwargs))
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: nothing to check
+    try:
+        if inspect.isclass(target) and runtime_args:
+            signature.bind(**kwargs)  # runtime args go to the instance's __call__
+        else:
+            signature.bind(*[None] * runtime_args, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{key}: {node._target_} {exc}") from None
+
+
+def as_callable(node: DictConfig, extra=(), runtime: dict | None = None):
+    """A `_target_` node as a callable: a class is instantiated with the node's arguments (plus
+    `runtime` ones), a function gets them bound with functools.partial. Keys in `extra` are
+    rlkit's own, not passed on."""
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_") and k not in extra}
+    kwargs = {**OmegaConf.to_container(OmegaConf.create(kwargs), resolve=True), **(runtime or {})}
+    target = import_target(node._target_)
+    return target(**kwargs) if inspect.isclass(target) else functools.partial(target, **kwargs)
+
+
+def compose(overrides: list[str] = ()) -> DictConfig:
+    """The config `python -m rlkit OVERRIDES...` would run with (for tests and notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from rlkit.run import plugins
+
+    register()
+    plugins.register_entry_points()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def options(group: str) -> list[str]:
+    """The built-in options of a config group (file names without .yaml)."""
+    folder = RECIPES_DIR if group == "recipe" else CONF_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))

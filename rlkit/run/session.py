@@ -1,0 +1,178 @@
+"""A run's plumbing, opened from its config, so the RL loop holds none of it.
+
+`Session.open` checks the run dir, seeds the RNGs and sets the determinism switches, makes the
+training client through the client API, restores a checkpoint (`resume=auto`), and writes the
+manifest and config; `steps()` hands out the RL steps still to run, checkpointing when due;
+`log` writes one step's metrics everywhere they go; `finish` saves the adapter, the plot and the
+summary. Used as a context manager, it closes every output on the way out, crash or not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import Progress, TaskID
+
+import rlkit
+from rlkit.run import seeds
+from rlkit.run.checkpoint import Checkpointer, Resumed
+from rlkit.run.config import adapter_args, as_callable, engine_args, plain
+from rlkit.run.manifest import write_manifest
+from rlkit.run.outputs import MetricsWriter, console, finite, plot_curves, progress_bar
+
+
+@dataclass
+class Session:
+    cfg: DictConfig
+    run_dir: Path
+    trainer: rlkit.TrainingClient
+    checkpoints: Checkpointer
+    metrics_out: MetricsWriter
+    samples_out: MetricsWriter
+    # Extra metric sinks (logger=wandb, ...).
+    sinks: list[Any]
+    # Every RL step's metrics so far (a resumed run's included), for the plot and the summary.
+    history: list[dict] = field(default_factory=list)
+    _progress: Progress | None = None
+    _task: TaskID | None = None
+
+    @classmethod
+    def open(cls, cfg: DictConfig, run_dir: Path) -> Session:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints = Checkpointer(run_dir, cfg)  # refuses a used run dir unless resume=auto
+        seeds.apply_determinism(cfg)  # before any model or engine starts
+        sinks = []
+        if cfg.logger:
+            runtime = {"run_dir": str(run_dir), "run_config": plain(cfg)}
+            sinks.append(as_callable(cfg.logger, runtime=runtime))
+        service = rlkit.ServiceClient(
+            device=None if cfg.model.device == "auto" else cfg.model.device,
+            dtype=None if cfg.model.dtype == "auto" else str(cfg.model.dtype),
+            checkpoint_dir=run_dir / "checkpoints",
+            **engine_args(cfg.engine),
+        )
+        trainer = service.create_lora_training_client(
+            cfg.model.base_model, seed=cfg.seed, **adapter_args(cfg.adapter)
+        )
+        resumed = checkpoints.resume(trainer)  # weights, optimizer, RNGs, outputs so far
+        write_manifest(
+            run_dir,
+            cfg,
+            service.device,
+            service.dtype,
+            service.engine.name,
+            checkpoints.resumed_from,
+        )
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        return cls(
+            cfg,
+            run_dir,
+            trainer,
+            checkpoints,
+            MetricsWriter(run_dir / "metrics.jsonl", timings=run_dir / "timings.jsonl"),
+            MetricsWriter(run_dir / "samples.jsonl"),
+            sinks,
+            history=resumed.history,
+        )
+
+    @property
+    def resumed(self) -> Resumed:
+        return self.checkpoints.resumed
+
+    @property
+    def stopped(self) -> bool:
+        """Ctrl-C / SIGTERM stopped the run (after writing a checkpoint)."""
+        return self.checkpoints.stopped
+
+    def steps(self) -> Iterator[int]:
+        """The RL steps still to run, from the resumed one. Before each step, and after the
+        last, a checkpoint is written when due; after Ctrl-C / SIGTERM the steps end there."""
+        self._progress = progress_bar()
+        self._progress.start()
+        self._task = self._progress.add_task(
+            "RL", total=self.cfg.steps, completed=self.resumed.step, status=""
+        )
+        for step in range(self.resumed.step, self.cfg.steps):
+            if self.checkpoints.reached(step):
+                return
+            yield step
+        self.checkpoints.reached(self.cfg.steps)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        """One step's metrics: history, metrics.jsonl (+ timings.jsonl), sinks, progress bar."""
+        self.history.append(metrics)
+        self.metrics_out.write(metrics)
+        for sink in self.sinks:
+            sink.log(metrics["step"], metrics)
+        if self._progress is not None:
+            done = min(metrics["step"] + 1, self.cfg.steps)
+            self._progress.update(self._task, completed=done, status=self._status())
+
+    def write_samples(self, records: list[dict]) -> None:
+        for record in records:
+            self.samples_out.write(record)
+
+    def finish(self) -> dict[str, float]:
+        """After the last step: the adapter, the plot and summary.json; returns the summary."""
+        self._stop_progress()
+        adapter = self.trainer.save_weights_for_sampler("final").result().path
+        shutil.copytree(adapter, self.run_dir / "adapter", dirs_exist_ok=True)
+        plot_curves(self.history, self.run_dir / "curves.png", title=str(self.run_dir.name))
+        return summarize(self.history, self.run_dir)
+
+    def _stop_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def close(self) -> None:
+        self._stop_progress()
+        self.metrics_out.close()
+        self.samples_out.close()
+        for sink in self.sinks:
+            sink.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _status(self) -> str:
+        rewards = [h["reward/mean"] for h in self.history if finite(h.get("reward/mean"))]
+        accs = [h["train/accuracy"] for h in self.history if finite(h.get("train/accuracy"))]
+        evals = [h["eval/accuracy"] for h in self.history if "eval/accuracy" in h]
+        parts = [
+            f"reward {rewards[-1]:.3f}" if rewards else "",
+            f"acc {accs[-1]:.2f}" if accs else "",
+            f"eval acc {evals[-1]:.2f}" if evals else "",
+        ]
+        return "  ".join(p for p in parts if p)
+
+
+def summarize(history: list[dict], run_dir: Path) -> dict[str, float]:
+    evals = [h for h in history if "eval/accuracy" in h]
+    rewards = [h["reward/mean"] for h in history if finite(h.get("reward/mean"))]
+    last5 = rewards[-5:]
+    summary = {
+        "eval/accuracy_start": evals[0]["eval/accuracy"] if evals else math.nan,
+        "eval/accuracy_final": evals[-1]["eval/accuracy"] if evals else math.nan,
+        "reward/mean_first": rewards[0] if rewards else math.nan,
+        "reward/mean_last5": sum(last5) / len(last5) if last5 else math.nan,
+        "steps": len(history) - 1,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    console.print(
+        f"[bold]done[/bold]: eval accuracy {summary['eval/accuracy_start']:.3f} -> "
+        f"{summary['eval/accuracy_final']:.3f}; mean reward {summary['reward/mean_first']:.3f} -> "
+        f"{summary['reward/mean_last5']:.3f} (last 5 steps). Outputs in {run_dir}"
+    )
+    return summary
