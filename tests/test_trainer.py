@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,9 @@ from safetensors.torch import load_file
 from rlkit.rl.loop import train
 from rlkit.rl.rewards.base import RewardError
 from rlkit.run.config import compose, validate
+
+# Subprocess runs, end-to-end training or vLLM: not in `make test-fast`.
+pytestmark = pytest.mark.slow
 
 # A shortened pair_sum run on the tiny model: seconds, not minutes.
 FAST = [
@@ -294,7 +298,10 @@ def test_recipes_work_from_an_installed_wheel(tmp_path):
     import zipfile
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    # Built from a clean copy: an in-tree build/ left by an earlier build could hold stale files.
+    root = tmp_path / "src"
+    ignore = shutil.ignore_patterns(".*", "build", "dist", "outputs", "*.egg-info", "__pycache__")
+    shutil.copytree(Path(__file__).resolve().parents[1], root, ignore=ignore)
     subprocess.run(
         [
             sys.executable,

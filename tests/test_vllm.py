@@ -17,6 +17,9 @@ from rlkit.api import types
 from rlkit.backend.engines import vllm as vllm_engine
 from rlkit.backend.engines.probe import StaleAdapterError
 
+# Subprocess runs, end-to-end training or vLLM: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 if not vllm_engine.available():
     if os.environ.get("RLKIT_REQUIRE_VLLM") == "1":
         raise RuntimeError("RLKIT_REQUIRE_VLLM=1 but vllm is not importable")

@@ -55,6 +55,8 @@ TRAIN_KEYS = (
     "train/tis_capped_frac",
     "train/lr",
 )
+# The timed phases of a step; `time/step` is their sum.
+PHASES = ("sample", "score", "train", "sync")
 
 
 @stop_on_signals  # Ctrl-C / SIGTERM: finish the step, write a checkpoint, exit 0
@@ -77,7 +79,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             if step % cfg.eval_every == 0:
                 metrics |= evaluate(sampler, env, tokenizer, params)
 
-            with timed(metrics, "time/sample"):  # problems and seeds are functions of the step
+            # Problems and sampling seeds are functions of (seed, step): a resumed run draws the same.
+            with timed(metrics, "time/sample"):
                 problems_P = env.sample(seeds.rng(cfg.seed, "problems", step), cfg.groups_per_step)
                 seeds_P = [
                     seeds.derive_seed(cfg.seed, "rollout", step, i) for i in range(len(problems_P))
@@ -125,9 +128,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             raise SystemExit(0)  # the checkpoint is written and the resume command printed
         run.log({"step": cfg.steps, **evaluate(sampler, env, tokenizer, params)})
         return run.finish()
-
-
-PHASES = ("sample", "score", "train", "sync")
 
 
 def build_rewards(reward_cfg: DictConfig) -> list[WeightedReward]:

@@ -1,5 +1,5 @@
 """Run outputs: metrics.jsonl (one line per step, flushed), sample completions, curve plots,
-and the console progress bar. Extra metric sinks (logger=...) are their own files (`wandb.py`).
+and the console progress bar. Extra metric sinks (logger=...) are their own files (`wandb_logger.py`).
 """
 
 from __future__ import annotations
