@@ -254,3 +254,16 @@ def test_sigterm_checkpoints_exits_0_and_resume_goes_on_at_the_next_step(
     train(cfg, run_dir)
     assert f"at RL step {done}" in capsys.readouterr().err
     assert_same_as(reference, run_dir)
+
+
+def test_two_processes_with_different_hash_seeds_write_identical_files(tmp_path, capsys):
+    """Separate processes hash strings differently (PYTHONHASHSEED): no file may depend on it."""
+    runs = []
+    for hash_seed in ("1", "2"):
+        run_dir = tmp_path / f"hashseed-{hash_seed}" / "run"
+        run_dir.parent.mkdir()
+        proc = start_cli(run_dir, "hf", env={"PYTHONHASHSEED": hash_seed})
+        assert proc.wait(timeout=300) == 0, proc.stderr_text()
+        runs.append(run_dir)
+    assert compare.main(["compare", str(runs[0]), str(runs[1])]) == 0, capsys.readouterr().out
+    assert compare.differing_files(runs[0] / "adapter", runs[1] / "adapter") == []

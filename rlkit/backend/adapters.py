@@ -57,7 +57,14 @@ def attach(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
         # peft calls a transformers method that is deprecated in v5; not ours to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         torch.manual_seed(spec.seed)
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+    # peft keeps target_modules as a set and writes it to adapter_config.json in hash order, a
+    # different one in every process: sorted lists make the file the same in every run.
+    for adapter_config in peft_model.peft_config.values():
+        for key, value in vars(adapter_config).items():
+            if isinstance(value, set):
+                setattr(adapter_config, key, sorted(value))
+    return peft_model
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
