@@ -85,6 +85,8 @@ def test_score_group_weights_and_keeps_components():
         (lambda c, p: [1.0], "reward 'bad' returned 1 values for 2 completions"),
         (lambda c, p: [1.0, math.nan], "non-finite or non-numeric"),
         (lambda c, p: [1.0, "1"], "non-finite or non-numeric"),
+        (lambda c, p: None, "returned NoneType None; it must return a list of 2 numbers"),
+        (lambda c, p: 1.0, "returned float 1.0; it must return a list of 2 numbers"),
     ],
 )
 def test_a_bad_reward_is_named(fn, message):
@@ -154,12 +156,32 @@ def test_mismatch_metrics_by_hand():
     assert mismatch_metrics([datum], [out])["train/tis_capped_frac"] is None
 
 
-def test_score_groups_raises_or_skips_a_failing_reward():
+def test_score_groups_raises_or_skips_a_failing_reward(capsys):
     groups = [Group(problem([1, 1]), [1], [], ["<answer>2</answer>", "x"])] * 2
     bad = [WeightedReward("bad", 1.0, lambda c, p: 1 / 0)]
-    with pytest.raises(RewardError):
+    with pytest.raises(RewardError, match="reward 'bad' raised ZeroDivisionError"):
         score_groups(groups, bad, "raise")
-    assert score_groups(groups, bad, "skip") == [None, None]
+    # skip: failed groups are None, with a warning; a step where all failed still stops.
+    with pytest.raises(RewardError, match="RL step 3: the reward failed in every group"):
+        score_groups(groups, bad, "skip", step=3)
+    flaky = [WeightedReward("flaky", 1.0, lambda c, p: [1 / (p.info["numbers"][0] - 1)] * 2)]
+    mixed = [
+        Group(problem([1, 1]), [1], [], ["a", "b"]),
+        Group(problem([2, 1]), [1], [], ["a", "b"]),
+    ]
+    scores = score_groups(mixed, flaky, "skip", step=4)
+    assert scores[0] is None and scores[1].total == [1.0, 1.0]
+    assert "RL step 4: skipped 1 of 2 groups whose reward failed" in capsys.readouterr().err
+
+
+def test_rewards_may_return_numpy_or_torch_scalars():
+    import numpy as np
+
+    values = [np.float32(0.5), np.array(1.0), torch.tensor(2.0), 3]
+    scores = score_group(
+        [WeightedReward("r", 1.0, lambda c, p: values)], ["a"] * 4, problem([1, 1])
+    )
+    assert scores.total == [0.5, 1.0, 2.0, 3.0]
 
 
 def test_rollout_metrics_use_the_env_grade():

@@ -228,6 +228,20 @@ BAD_REWARDS = textwrap.dedent(
 
     def too_few(completions, problem):
         return [1.0]
+
+    def returns_none(completions, problem):
+        return None
+
+    class EveryOther:
+        # Fails for every other group it scores: one of the two groups of each step.
+
+        calls = 0
+
+        def __call__(self, completions, problem):
+            EveryOther.calls += 1
+            if EveryOther.calls % 2:
+                raise ZeroDivisionError("boom")
+            return [0.0] * len(completions)
     """
 )
 
@@ -238,6 +252,7 @@ BAD_REWARDS = textwrap.dedent(
         ("raises", "reward 'bad' raised ZeroDivisionError: boom"),
         ("nan", "reward 'bad' returned non-finite or non-numeric"),
         ("too_few", "reward 'bad' returned 1 values for 4 completions"),
+        ("returns_none", "reward 'bad' returned NoneType None; it must return a list of 4 numbers"),
     ],
 )
 def test_broken_reward_is_a_clear_error(tmp_path, monkeypatch, fn, message):
@@ -249,14 +264,25 @@ def test_broken_reward_is_a_clear_error(tmp_path, monkeypatch, fn, message):
         train(cfg, tmp_path / "run")
 
 
-def test_broken_reward_can_skip_its_groups(tmp_path, monkeypatch):
+def test_broken_reward_can_skip_its_groups(tmp_path, monkeypatch, capsys):
     (tmp_path / "badrewards.py").write_text(BAD_REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = compose([*FAST, "+reward.bad._target_=badrewards.raises", "on_reward_error=skip"])
+    cfg = compose([*FAST, "+reward.bad._target_=badrewards.EveryOther", "on_reward_error=skip"])
     train(cfg, tmp_path / "run")
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     failed = [r["train/failed_reward_groups"] for r in records if "train/failed_reward_groups" in r]
-    assert failed == [2, 2, 2]
+    assert failed == [1, 1, 1]
+    err = capsys.readouterr().err
+    assert err.count("skipped 1 of 2 groups whose reward failed") == 3, err
+    assert "reward 'bad' raised ZeroDivisionError: boom" in err
+
+
+def test_a_reward_failing_in_every_group_stops_the_run_even_with_skip(tmp_path, monkeypatch):
+    (tmp_path / "badrewards.py").write_text(BAD_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = compose([*FAST, "+reward.bad._target_=badrewards.raises", "on_reward_error=skip"])
+    with pytest.raises(RewardError, match="RL step 0: the reward failed in every group"):
+        train(cfg, tmp_path / "run")
 
 
 def test_sweep_writes_summary_table_and_plot(tmp_path):

@@ -45,6 +45,12 @@ class LossSpec:
                 raise ValueError(
                     f"loss {name!r}: loss_fn_config {key}={value} must be a finite number >= 0"
                 )
+        low, high = resolved.get("clip_low_threshold"), resolved.get("clip_high_threshold")
+        if low is not None and high is not None and not low <= 1 <= high:
+            raise ValueError(
+                f"loss {name!r}: loss_fn_config needs clip_low_threshold <= 1 <= "
+                f"clip_high_threshold (ratio bounds around 1), got {low} and {high}"
+            )
         return resolved
 
 

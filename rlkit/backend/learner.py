@@ -58,6 +58,8 @@ class Learner:
         self.dtype = dtype
         self.tokens_per_microbatch = tokens_per_microbatch
         self.tokenizer = models.load_tokenizer(base_model)  # cheap: fails fast on a bad name
+        self.engine = engine or EngineSettings.parse()
+        self.engine.check(models.load_config(base_model), self.device, spec)  # before weights
         base = models.load_model(base_model, dtype=dtype, device=self.device)
         self.model = adapters.attach(base, spec)
         self.params = adapters.trainable_parameters(self.model)
@@ -66,7 +68,6 @@ class Learner:
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=0.0)
         self.step = 0
         self.pending_datums = 0  # datums whose gradients wait for the next optim_step
-        self.engine = engine or EngineSettings.parse()
         self.probe_tolerance = self.engine.probe_tolerance or (
             1e-3 if dtype == torch.float32 else 5e-2
         )

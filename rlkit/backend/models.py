@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -29,7 +30,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from rlkit.api.errors import ModelNotFoundError
+from rlkit.api.errors import ModelNotFoundError, RlkitError
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # The Qwen chat format: one `<|im_start|>role\n...<|im_end|>\n` block per message.
@@ -69,7 +70,15 @@ BUILTIN_MODELS: dict[str, BuiltinSpec] = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("RLKIT_CACHE_DIR", Path.home() / ".cache" / "rlkit"))
+    """$RLKIT_CACHE_DIR, default ~/.cache/rlkit; an error naming the variable if it is not a
+    directory rlkit can use."""
+    path = Path(os.environ.get("RLKIT_CACHE_DIR", Path.home() / ".cache" / "rlkit")).expanduser()
+    if path.exists() and not path.is_dir():
+        raise RlkitError(
+            f"RLKIT_CACHE_DIR={path} is a file, not a directory: point it at a directory "
+            "(created if missing) where rlkit may keep built-in models and checkpoints"
+        )
+    return path
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -170,6 +179,14 @@ def load_tokenizer(base_model: str, trust_remote_code: bool = False) -> PreTrain
     source = resolve(base_model)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(_not_found_message(base_model, exc)) from exc
+
+
+def load_config(base_model: str, trust_remote_code: bool = False):
+    """The model's transformers config, without its weights."""
+    try:
+        return AutoConfig.from_pretrained(resolve(base_model), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(_not_found_message(base_model, exc)) from exc
 

@@ -90,7 +90,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 )
 
             with timed(metrics, "time/score"):
-                scores_P = score_groups(groups_P, rewards, cfg.on_reward_error)  # None: failed
+                scores_P = score_groups(
+                    groups_P, rewards, cfg.on_reward_error, step
+                )  # None: skipped
                 datums_D, skipped = [], 0
                 for group, scores in zip(groups_P, scores_P, strict=True):
                     if scores is None:

@@ -7,11 +7,13 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+from rich.markup import escape
 
 from rlkit.api import losses, types
 from rlkit.rl.envs.base import Env, Problem
 from rlkit.rl.rewards.base import GroupScores, RewardError, WeightedReward, score_group
 from rlkit.rl.sft import prompt_tokens
+from rlkit.run.outputs import console
 
 
 @dataclass
@@ -42,17 +44,31 @@ def sample_groups(sampler, tokenizer, problems_P, group_size, params, seeds_P=No
 
 
 def score_groups(
-    groups_P: list[Group], rewards: list[WeightedReward], on_error: str
+    groups_P: list[Group], rewards: list[WeightedReward], on_error: str, step: int = 0
 ) -> list[GroupScores | None]:
-    """Each group's rewards; None for a group whose reward failed when `on_error` is skip."""
-    scores_P = []
+    """Each group's rewards. A reward that fails raises (on_error=raise), or its group is
+    None (skip), with a warning for the step; a step where every group failed raises anyway:
+    a run that trains on nothing must not look like one that trains."""
+    scores_P, errors = [], []
     for group in groups_P:
         try:
             scores_P.append(score_group(rewards, group.completions, group.problem))
-        except RewardError:
+        except RewardError as exc:
             if on_error == "raise":
                 raise
             scores_P.append(None)
+            errors.append(str(exc))
+    if errors and len(errors) == len(groups_P):
+        raise RewardError(
+            f"RL step {step}: the reward failed in every group (first: {errors[0]}); "
+            "on_reward_error=skip skips failing groups, but none is left to train on"
+        )
+    if errors:
+        console.print(
+            f"[yellow]warning: RL step {step}: skipped {len(errors)} of {len(groups_P)} groups "
+            f"whose reward failed (first: {escape(errors[0])})",
+            soft_wrap=True,
+        )
     return scores_P
 
 

@@ -192,12 +192,20 @@ class Checkpointer:
 
     def _load(self, path: Path) -> str | None:
         """Restore the checkpoint at `path` (already verified); a reason if it is refused."""
+        state = json.loads((path / "trainer_state.json").read_text())
+        check_fixed_keys(state["config"], plain(self.cfg), path)
         try:
             self.trainer.load_state(str(path / "state")).result()
-        except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0]
-            return f"refused: it holds a pickled object, not plain tensors ({first})"
-        state = json.loads((path / "trainer_state.json").read_text())
+        except pickle.UnpicklingError:
+            # Not torch's message: it suggests weights_only=False, the wrong advice for a
+            # file nobody vouches for.
+            return (
+                "refused: it holds a pickled object, not plain tensors (torch.load with "
+                "weights_only=True rejected it; it was not unpickled)"
+            )
+        except Exception as exc:  # garbage that still matched its checksum: as unreadable
+            first = (str(exc).strip().splitlines() or [""])[0]
+            return f"unreadable ({type(exc).__name__}: {first})"
         set_torch_rng_states(load_file(path / "rng.safetensors"))
         version, internal, gauss = state["python_rng"]
         random.setstate((version, tuple(internal), gauss))
@@ -244,6 +252,26 @@ def verify(path: Path) -> str | None:
         if sha256(path / rel) != digest:
             return f"{rel} does not match its checksum (truncated or corrupt)"
     return None
+
+
+# Keys a resumed run cannot change: the checkpoint's adapter only fits the same base and shape.
+FIXED_ON_RESUME = ("model.base_model", "adapter.")
+
+
+def check_fixed_keys(saved: dict, current: dict, path: Path) -> None:
+    """A ConfigError naming every key in FIXED_ON_RESUME that differs from the checkpoint's."""
+    flat_saved, flat_now = flatten(saved), flatten(current)
+    changed = [
+        f"{k} ({flat_saved.get(k, '<absent>')!r} -> {flat_now.get(k, '<absent>')!r})"
+        for k in sorted(flat_saved.keys() | flat_now.keys())
+        if k.startswith(FIXED_ON_RESUME) and flat_saved.get(k) != flat_now.get(k)
+    ]
+    if changed:
+        raise ConfigError(
+            f"cannot resume from {path} with a different {', '.join(changed)}: the checkpoint's "
+            "adapter fits only the model and adapter it was trained with. Resume with the "
+            "checkpoint's values, or start a new run dir"
+        )
 
 
 def warn_config_changes(saved: dict, current: dict) -> list[str]:

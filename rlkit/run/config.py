@@ -7,11 +7,14 @@ binds its arguments) before any model is loaded.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import importlib
 import inspect
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -245,9 +248,11 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}")
     if any(not text for text in cfg.stop):
         raise ConfigError(f"stop must be a list of non-empty strings, got {list(cfg.stop)}")
-    if not DEVICE_RE.fullmatch(cfg.model.device):
+    _validate_device(cfg.model.device)
+    if cfg.group_size < 2:
         raise ConfigError(
-            f"model.device must be auto, cpu, mps, cuda or cuda:N; got {cfg.model.device!r}"
+            f"group_size must be >= 2, got {cfg.group_size}: advantages compare a group's "
+            "completions with each other, and a group whose rewards are all equal is skipped"
         )
     workspace = cfg.determinism.cublas_workspace
     if workspace and not re.fullmatch(r":\d+:\d+(,:\d+:\d+)*", workspace):
@@ -264,6 +269,27 @@ def validate(cfg: DictConfig) -> None:
         check_target(f"reward.{name}", entry, runtime_args=2, extra=("weight",))
     if cfg.logger:  # logger=none composes to an empty node
         check_target("logger", cfg.logger, runtime_kwargs=("run_dir", "run_config"))
+
+
+def _validate_device(device: str) -> None:
+    if not DEVICE_RE.fullmatch(device):
+        raise ConfigError(f"model.device must be auto, cpu, mps, cuda or cuda:N; got {device!r}")
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no visible GPU"
+            raise ConfigError(
+                f"model.device={device}, but torch {torch.__version__} has {build}: "
+                "use model.device=cpu (or auto)"
+            )
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"model.device={device}, but only {torch.cuda.device_count()} GPU(s) are visible"
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("model.device=mps, but this machine has no MPS device: use cpu or auto")
 
 
 def engine_args(engine: DictConfig) -> dict[str, Any]:
@@ -352,6 +378,52 @@ def check_target(
             signature.bind(*[None] * runtime_args, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"{key}: {node._target_} {exc}") from None
+    _check_types(key, node, target)
+
+
+def _check_types(key: str, node: DictConfig, target: Any) -> None:
+    """Each configured argument against its annotation (int, float, str, bool, lists of them,
+    optional ones); others are not checked."""
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # unresolvable annotations: nothing to check against
+        return
+    values = OmegaConf.to_container(node, resolve=True)
+    for name, value in values.items():
+        if name in hints and not _matches(value, hints[name]):
+            raise ConfigError(
+                f"{key}.{name}={value!r} must be {_type_name(hints[name])} "
+                f"(the {name} argument of {node._target_})"
+            )
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    if origin in (list, tuple, collections.abc.Sequence):
+        element = args[0] if args else None
+        return isinstance(value, list | tuple) and (
+            element is None or all(_matches(v, element) for v in value)
+        )
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 def as_callable(node: DictConfig, extra=(), runtime: dict | None = None):

@@ -10,7 +10,6 @@ summary. Used as a context manager, it closes every output on the way out, crash
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -158,21 +157,24 @@ class Session:
         return "  ".join(p for p in parts if p)
 
 
-def summarize(history: list[dict], run_dir: Path) -> dict[str, float]:
-    evals = [h for h in history if "eval/accuracy" in h]
+def summarize(history: list[dict], run_dir: Path) -> dict[str, float | None]:
+    """summary.json: start and final eval accuracy, first and last rewards; null (never NaN,
+    which is not JSON) for what the run has none of, e.g. rewards when every group was skipped."""
+    evals = [h["eval/accuracy"] for h in history if finite(h.get("eval/accuracy"))]
     rewards = [h["reward/mean"] for h in history if finite(h.get("reward/mean"))]
     last5 = rewards[-5:]
     summary = {
-        "eval/accuracy_start": evals[0]["eval/accuracy"] if evals else math.nan,
-        "eval/accuracy_final": evals[-1]["eval/accuracy"] if evals else math.nan,
-        "reward/mean_first": rewards[0] if rewards else math.nan,
-        "reward/mean_last5": sum(last5) / len(last5) if last5 else math.nan,
+        "eval/accuracy_start": evals[0] if evals else None,
+        "eval/accuracy_final": evals[-1] if evals else None,
+        "reward/mean_first": rewards[0] if rewards else None,
+        "reward/mean_last5": sum(last5) / len(last5) if last5 else None,
         "steps": len(history) - 1,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    s = {k: "n/a" if v is None else f"{v:.3f}" for k, v in summary.items()}
     console.print(
-        f"[bold]done[/bold]: eval accuracy {summary['eval/accuracy_start']:.3f} -> "
-        f"{summary['eval/accuracy_final']:.3f}; mean reward {summary['reward/mean_first']:.3f} -> "
-        f"{summary['reward/mean_last5']:.3f} (last 5 steps). Outputs in {run_dir}"
+        f"[bold]done[/bold]: eval accuracy {s['eval/accuracy_start']} -> "
+        f"{s['eval/accuracy_final']}; mean reward {s['reward/mean_first']} -> "
+        f"{s['reward/mean_last5']} (last 5 steps). Outputs in {run_dir}"
     )
     return summary

@@ -50,6 +50,10 @@ def _num(value) -> float:
     return value if finite(value) else -math.inf
 
 
+def _fmt(value) -> str:
+    return f"{value:.3f}" if finite(value) else "n/a"
+
+
 def write_table(runs: list[dict], path: Path) -> None:
     lines = [
         "| rank | run | eval acc start | eval acc final | mean reward (last 5 steps) | dir |",
@@ -58,9 +62,9 @@ def write_table(runs: list[dict], path: Path) -> None:
     for i, run in enumerate(runs, start=1):
         s = run["summary"]
         lines.append(
-            f"| {i} | {run['name']} | {s.get('eval/accuracy_start', math.nan):.3f} | "
-            f"{s.get('eval/accuracy_final', math.nan):.3f} | "
-            f"{s.get('reward/mean_last5', math.nan):.3f} | {run['dir'].name} |"
+            f"| {i} | {run['name']} | {_fmt(s.get('eval/accuracy_start'))} | "
+            f"{_fmt(s.get('eval/accuracy_final'))} | "
+            f"{_fmt(s.get('reward/mean_last5'))} | {run['dir'].name} |"
         )
     path.write_text("\n".join(lines) + "\n")
 

@@ -57,6 +57,13 @@ class EngineSettings:
             raise ValueError(f"{where}{exc}") from None
         return cls(engine_cls, engine_options, tolerance)
 
+    def check(self, model_config, device, spec) -> None:
+        """Raises when the engine cannot serve this model, before any weights load (an engine
+        class may define `check(model_config, device, spec)`; most need none)."""
+        check = getattr(self.engine, "check", None)
+        if check is not None:
+            check(model_config, device, spec)
+
     def build(self, learner):
         """The engine for `learner` (an engine may hand over to another, e.g. vllm -> hf)."""
         return self.engine.build(learner, self.options)

@@ -170,6 +170,30 @@ class VLLMEngine:
                 raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
     @classmethod
+    def check(cls, model_config, device: torch.device, spec) -> None:
+        """What vLLM cannot serve, found before any model loads: vLLM itself missing, and on
+        CPU an attention head size its CPU kernels do not have."""
+        if spec.use_dora:
+            return  # served by hf (see build)
+        _import_vllm()
+        if device.type != "cpu":
+            return
+        head_dim = getattr(model_config, "head_dim", None) or (
+            model_config.hidden_size // model_config.num_attention_heads
+        )
+        try:
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+        except ImportError:  # another vLLM layout: leave the check to vLLM
+            return
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if head_dim not in sizes:
+            raise RlkitError(
+                f"engine=vllm cannot serve this model on CPU: its attention head_dim is "
+                f"{head_dim}, and vLLM's CPU attention supports {sizes}. Use engine=hf, or a "
+                "model with a supported head size (rlkit-small has 32; rlkit-tiny has 16)"
+            )
+
+    @classmethod
     def build(cls, learner, options: Options | None = None):
         """vLLM for a LoRA adapter; for DoRA, which vLLM's LoRA path cannot serve (it has no
         magnitude vector), the hf engine on the merged adapter, with a warning."""

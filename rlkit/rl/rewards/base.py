@@ -9,8 +9,9 @@ arguments come from the config, or a class, instantiated with them) and a `weigh
 from __future__ import annotations
 
 import math
+import numbers
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from rlkit.api.errors import RlkitError
@@ -50,21 +51,40 @@ def score_group(
     components = {}
     for reward in rewards:
         try:
-            values = list(reward.fn(completions, problem))
+            returned = reward.fn(completions, problem)
         except Exception as exc:
             raise RewardError(f"reward {reward.name!r} raised {type(exc).__name__}: {exc}") from exc
-        if len(values) != len(completions):
-            raise RewardError(
-                f"reward {reward.name!r} returned {len(values)} values for "
-                f"{len(completions)} completions"
-            )
-        bad = [v for v in values if not isinstance(v, int | float) or not math.isfinite(v)]
-        if bad:
-            raise RewardError(
-                f"reward {reward.name!r} returned non-finite or non-numeric {bad[:3]}"
-            )
-        components[reward.name] = [float(v) for v in values]
+        values = _as_values(reward.name, returned, len(completions))
+        components[reward.name] = values
     total = [
         sum(r.weight * components[r.name][i] for r in rewards) for i in range(len(completions))
     ]
     return GroupScores(total=total, components=components)
+
+
+def _as_values(name: str, returned: object, expected: int) -> list[float]:
+    """One finite float per completion, from any sequence of real numbers (python, numpy or
+    torch scalars, 0-d arrays); a RewardError saying what came back otherwise."""
+    if isinstance(returned, str | bytes) or not isinstance(returned, Iterable):
+        raise RewardError(
+            f"reward {name!r} returned {type(returned).__name__} {returned!r:.60}; it must "
+            f"return a list of {expected} numbers, one per completion"
+        )
+    items = list(returned)
+    values = [_real(v) for v in items]
+    if len(values) != expected:
+        raise RewardError(
+            f"reward {name!r} returned {len(values)} values for {expected} completions"
+        )
+    bad = [item for item, v in zip(items, values, strict=True) if v is None]
+    if bad:
+        raise RewardError(f"reward {name!r} returned non-finite or non-numeric {bad[:3]}")
+    return values
+
+
+def _real(value: object) -> float | None:
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):  # numpy/torch 0-d
+        value = value.item()
+    if isinstance(value, numbers.Real) and math.isfinite(value):
+        return float(value)
+    return None
