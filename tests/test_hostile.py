@@ -1,0 +1,205 @@
+"""The hostile-input battery (issue 11): each case a new user or a hostile tester tried, kept so
+none regresses. Config-level cases load no model.
+
+Cases that already behaved well are kept where they live: typos, wrong types and unknown options
+(test_config.py), NaN datums and out-of-vocabulary ids (test_errors.py), kills and corrupt or
+pickled checkpoints (test_repro.py, test_checkpoint.py), rewards that raise, return NaN or too
+few values (test_trainer.py, test_algorithm.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rlkit.api import losses
+from rlkit.api.errors import RlkitError
+from rlkit.run import checkpoint, sweep
+from rlkit.run.config import ConfigError, compose, validate
+from rlkit.run.session import summarize
+
+TINY = ["recipe=pair_sum", "model=rlkit_tiny"]
+
+
+def config_error(*overrides) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(compose([*TINY, *overrides]))
+    return str(info.value)
+
+
+# ---- config-level: no model loads --------------------------------------------------------------
+def test_group_size_one_is_refused_naming_the_key():
+    assert "group_size must be >= 2, got 1" in config_error("group_size=1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_on_a_cpu_build_names_model_device():
+    message = config_error("model.device=cuda")
+    assert message.startswith("model.device=cuda, but torch") and "use model.device=cpu" in message
+    assert "model.device=cuda:3" in config_error("model.device=cuda:3")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("env.high=abc", "env.high='abc' must be int (the high argument of"),
+        ("env.n_choices=[2,x]", "env.n_choices=[2, 'x'] must be a list of int"),
+        ("env.system_prompt=3", "env.system_prompt=3 must be str"),
+        ("+reward.concise.max_chars=1.5", "reward.concise.max_chars=1.5 must be int"),
+    ],
+)
+def test_component_arguments_are_checked_against_their_annotations(override, message):
+    extra = ["reward=[format,correct,concise]"] if "concise" in override else []
+    assert message in config_error(*extra, override.lstrip("+"))
+
+
+def test_an_inverted_clip_range_is_refused_in_the_config_and_the_api():
+    message = config_error("loss=ppo", "loss.config.clip_low_threshold=2")
+    assert "clip_low_threshold <= 1 <= clip_high_threshold" in message and "2.0 and 1.2" in message
+    with pytest.raises(ValueError, match="clip_low_threshold <= 1 <= clip_high_threshold"):
+        losses.get_loss("cispo").resolve_config("cispo", {"clip_high_threshold": 0.9})
+
+
+def test_a_cache_dir_that_is_a_file_is_named(tmp_path, monkeypatch):
+    import rlkit
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    monkeypatch.setenv("RLKIT_CACHE_DIR", str(not_a_dir))
+    with pytest.raises(RlkitError, match=f"RLKIT_CACHE_DIR={not_a_dir} is a file, not a directory"):
+        rlkit.ServiceClient(device="cpu")
+
+
+def test_summary_json_holds_null_never_nan(tmp_path, capsys):
+    history = [{"step": 0, "reward/mean": float("nan")}, {"step": 1, "reward/mean": None}]
+    summarize(history, tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in summary.json")
+
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["reward/mean_first"] is None and summary["eval/accuracy_final"] is None
+    assert "mean reward n/a -> n/a" in capsys.readouterr().err
+    sweep.write_table([{"name": "x", "summary": summary, "dir": tmp_path}], tmp_path / "t.md")
+    assert "| 1 | x | n/a | n/a | n/a |" in (tmp_path / "t.md").read_text()
+
+
+# ---- checkpoints (a tiny training client, no RL loop) -------------------------------------------
+BASE = [*TINY, "adapter.rank=8"]
+
+
+def saved_checkpoints(tmp_path, trainer, steps):
+    ckpt = checkpoint.Checkpointer(tmp_path / "run", compose(BASE))
+    ckpt.resume(trainer)
+    for step in steps:
+        ckpt.save(step)
+    return ckpt
+
+
+def test_resuming_with_another_adapter_rank_is_refused_before_loading(tmp_path, trainer, service):
+    ckpt = saved_checkpoints(tmp_path, trainer, [0])
+    fresh = service.create_lora_training_client("rlkit-tiny", rank=4, seed=0)
+    cfg = compose([*TINY, "adapter.rank=4", "resume=auto"])
+    with pytest.raises(ConfigError, match=r"different adapter.rank \(8 -> 4\)"):
+        checkpoint.Checkpointer(ckpt.run_dir, cfg).resume(fresh)
+
+
+def test_a_garbage_adapter_with_a_matching_checksum_falls_back(tmp_path, trainer, service, capsys):
+    ckpt = saved_checkpoints(tmp_path, trainer, [0, 2])
+    bad = ckpt.dir / "step_000002"
+    weights = bad / "state" / "adapter_model.safetensors"
+    weights.write_bytes(b"\x00" * 64)
+    sums = json.loads((bad / "checksums.json").read_text())
+    sums["state/adapter_model.safetensors"] = checkpoint.sha256(weights)
+    (bad / "checksums.json").write_text(json.dumps(sums))
+
+    fresh = service.create_lora_training_client("rlkit-tiny", rank=8, seed=0)
+    resumed = checkpoint.Checkpointer(ckpt.run_dir, compose([*BASE, "resume=auto"])).resume(fresh)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"skipping checkpoint {bad}: unreadable" in err, err
+    assert resumed.step == 0
+
+
+def test_the_pickle_refusal_does_not_advise_weights_only_false(tmp_path, trainer, service, capsys):
+    ckpt = saved_checkpoints(tmp_path, trainer, [0, 2])
+    bad = ckpt.dir / "step_000002"
+    torch.save({"payload": object()}, bad / "state" / "optimizer.pt")
+    sums = json.loads((bad / "checksums.json").read_text())
+    sums["state/optimizer.pt"] = checkpoint.sha256(bad / "state" / "optimizer.pt")
+    (bad / "checksums.json").write_text(json.dumps(sums))
+    fresh = service.create_lora_training_client("rlkit-tiny", rank=8, seed=0)
+    checkpoint.Checkpointer(ckpt.run_dir, compose([*BASE, "resume=auto"])).resume(fresh)
+    err = capsys.readouterr().err
+    assert "refused: it holds a pickled object" in err and "weights_only=False" not in err
+
+
+# ---- the command line: one line for a user's error, a traceback for a bug -----------------------
+FAST = [
+    *TINY,
+    "adapter.rank=4",
+    "warmup.steps=1",
+    "warmup.batch_size=2",
+    "steps=1",
+    "groups_per_step=2",
+    "group_size=2",
+    "max_tokens=4",
+    "env.eval_size=2",
+]
+
+
+def cli(tmp_path, *args, env=None):
+    run_dir = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"  # a fresh one per call
+    return subprocess.run(
+        [sys.executable, "-m", "rlkit", *args, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_vllm_on_a_head_size_it_cannot_serve_fails_before_the_warm_start(tmp_path):
+    proc = cli(tmp_path, *FAST, "engine=vllm")
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: engine=vllm cannot serve this model on CPU: its attention head_dim is 16"
+        )
+    ), proc.stderr
+    assert "Traceback" not in proc.stderr and "warm start" not in proc.stderr
+    assert not (tmp_path / "run0" / "metrics.jsonl").exists()  # nothing to resume
+
+
+@pytest.mark.slow
+def test_a_users_error_is_one_line_a_bug_keeps_its_traceback(tmp_path):
+    (tmp_path / "mine.py").write_text(
+        "def bad_reward(completions, problem):\n"
+        "    raise ZeroDivisionError('boom')\n"
+        "from rlkit.rl.envs.pair_sum import PairSumEnv\n"
+        "class BrokenEnv(PairSumEnv):\n"
+        "    def eval_problems(self):\n"
+        "        return 5  # not a list: rlkit's loop fails on it as on a bug of its own\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path)}
+    reward = cli(tmp_path, *FAST, "+reward.bad._target_=mine.bad_reward", env=env)
+    assert reward.returncode == 1 and "Traceback" not in reward.stderr, reward.stderr
+    assert "error: reward 'bad' raised ZeroDivisionError: boom" in reward.stderr
+
+    config = cli(tmp_path, *FAST, "group_size=1")
+    assert "Traceback" not in config.stderr
+    assert config.stderr.strip().endswith(
+        "config error: group_size must be >= 2, got 1: "
+        "advantages compare a group's completions with each "
+        "other, and a group whose rewards are all equal is skipped"
+    )
+
+    bug = cli(tmp_path, *FAST, "env._target_=mine.BrokenEnv", env=env)
+    assert bug.returncode == 1 and "Traceback" in bug.stderr, bug.stderr
+    assert "TypeError: 'int' object is not iterable" in bug.stderr
