@@ -203,3 +203,50 @@ def test_a_users_error_is_one_line_a_bug_keeps_its_traceback(tmp_path):
     bug = cli(tmp_path, *FAST, "env._target_=mine.BrokenEnv", env=env)
     assert bug.returncode == 1 and "Traceback" in bug.stderr, bug.stderr
     assert "TypeError: 'int' object is not iterable" in bug.stderr
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_message(monkeypatch):
+    """Fault injection: the hub lookup fails as it does offline; no retried download follows."""
+    import huggingface_hub
+
+    from rlkit.api.errors import ModelNotFoundError
+    from rlkit.backend import models
+
+    calls = []
+
+    def unreachable(self, repo_id, **kwargs):
+        calls.append(repo_id)
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    with pytest.raises(ModelNotFoundError, match="the model hub / its local cache — Connection"):
+        models.load_tokenizer("not-a-model")
+    assert calls == ["not-a-model"]
+
+
+def test_wandb_that_cannot_start_online_falls_back_to_offline(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    from rlkit.run.wandb_logger import WandbLogger
+
+    monkeypatch.setenv("WANDB_API_KEY", "short")  # malformed: wandb refuses it before any network
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(str(tmp_path), {"seed": 0}, init_timeout=5)
+    assert logger.mode == "offline"
+    assert "online start failed: AuthenticationError" in capsys.readouterr().err
+    logger.close()
+
+    real_init = wandb.init
+
+    def unreachable(**kwargs):  # fault injection: what an unreachable server raises
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("Timed out while retrying: no such host")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    logger = WandbLogger(str(tmp_path), {"seed": 0})
+    assert logger.mode == "offline"
+    assert "online start failed: CommError: Timed out" in capsys.readouterr().err
+    logger.close()

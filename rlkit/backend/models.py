@@ -172,7 +172,25 @@ def resolve(base_model: str) -> str:
     if looks_like_path and not Path(base_model).expanduser().exists():
         # No hub id starts like this: fail now rather than after the hub's retries.
         raise ModelNotFoundError(_not_found_message(base_model, FileNotFoundError(base_model)))
-    return str(Path(base_model).expanduser()) if looks_like_path else base_model
+    if looks_like_path:
+        return str(Path(base_model).expanduser())
+    _check_hub(base_model)
+    return base_model
+
+
+def _check_hub(repo_id: str) -> None:
+    """A hub id that is not in the local cache is looked up once, without retries, so an
+    unreachable hub or a wrong id fails in a second, not after a minute of retried downloads."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return  # from_pretrained reads the cache only, and fails at once
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except Exception as exc:  # unreachable, not found, gated: from_pretrained would fail too
+        raise ModelNotFoundError(_not_found_message(repo_id, exc)) from None
 
 
 def load_tokenizer(base_model: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
