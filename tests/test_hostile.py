@@ -56,6 +56,14 @@ def test_component_arguments_are_checked_against_their_annotations(override, mes
     assert message in config_error(*extra, override.lstrip("+"))
 
 
+def test_a_components_own_value_check_is_a_config_error_naming_it():
+    from rlkit.run.config import as_callable
+
+    cfg = compose([*TINY, "env.n_choices=[3]"])
+    with pytest.raises(ConfigError, match=r"^env: env.n_choices must be even numbers >= 2"):
+        as_callable(cfg.env, "env")
+
+
 def test_an_inverted_clip_range_is_refused_in_the_config_and_the_api():
     message = config_error("loss=ppo", "loss.config.clip_low_threshold=2")
     assert "clip_low_threshold <= 1 <= clip_high_threshold" in message and "2.0 and 1.2" in message

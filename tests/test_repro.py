@@ -253,6 +253,9 @@ def test_sigterm_checkpoints_exits_0_and_resume_goes_on_at_the_next_step(
     cfg = compose([a for a in args[3:] if not a.startswith("hydra.")])  # the printed command
     train(cfg, run_dir)
     assert f"at RL step {done}" in capsys.readouterr().err
+    # One manifest per segment: the first part of the run stays described.
+    segments = sorted(p.name for p in (run_dir / "manifests").iterdir())
+    assert segments == ["step_000000.json", f"step_{done:06d}.json"]
     assert_same_as(reference, run_dir)
 
 

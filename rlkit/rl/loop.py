@@ -25,7 +25,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rlkit.api import types
@@ -61,9 +60,9 @@ PHASES = ("sample", "score", "train", "sync")
 
 @stop_on_signals  # Ctrl-C / SIGTERM: finish the step, write a checkpoint, exit 0
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    env = instantiate(cfg.env)
+    env = as_callable(cfg.env, "env")
     rewards = build_rewards(cfg.reward)
-    advantage_fn = as_callable(cfg.advantage)
+    advantage_fn = as_callable(cfg.advantage, "advantage")
     adam = adam_params(cfg.optim)
     loss_config = OmegaConf.to_container(cfg.loss.config)
     params = types.SamplingParams(
@@ -134,7 +133,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
 def build_rewards(reward_cfg: DictConfig) -> list[WeightedReward]:
     return [
-        WeightedReward(name, float(entry.get("weight", 1.0)), as_callable(entry, extra=("weight",)))
+        WeightedReward(
+            name,
+            float(entry.get("weight", 1.0)),
+            as_callable(entry, f"reward.{name}", extra=("weight",)),
+        )
         for name, entry in reward_cfg.items()
     ]
 

@@ -31,7 +31,6 @@ halfway through writing the checkpoint of step N.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -114,10 +113,7 @@ class Checkpointer:
         tmp = self.dir / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        state = self.trainer.save_state(name).result().path
-        shutil.move(state, tmp / "state")
-        with contextlib.suppress(OSError):  # the client's now empty staging folder
-            Path(state).parent.rmdir()
+        take(self.trainer.save_state(name).result().path, tmp / "state", self.dir)
         save_file(torch_rng_states(), tmp / "rng.safetensors")
         trainer_state = {
             "step": step,
@@ -229,6 +225,23 @@ class Checkpointer:
         if self.resumed.path is None:
             return None
         return {"checkpoint": str(self.resumed.path), "step": self.resumed.step}
+
+
+def take(saved: str | Path, dest: Path, root: Path) -> Path:
+    """Move what the client saved at `saved` to `dest`, then remove the client's folders that
+    this left empty under `root`: checkpoints/ holds only what the docs list."""
+    saved = Path(saved)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.move(saved, dest)
+    parent = saved.parent
+    while parent != root and root in parent.parents:
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: another client's files
+            break
+        parent = parent.parent
+    return dest
 
 
 def _say(message: str) -> None:

@@ -426,14 +426,20 @@ def _type_name(hint: Any) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
-def as_callable(node: DictConfig, extra=(), runtime: dict | None = None):
-    """A `_target_` node as a callable: a class is instantiated with the node's arguments (plus
-    `runtime` ones), a function gets them bound with functools.partial. Keys in `extra` are
-    rlkit's own, not passed on."""
+def as_callable(node: DictConfig, key: str, extra=(), runtime: dict | None = None):
+    """A `_target_` node (the config's `key`) as an object: a class is instantiated with the
+    node's arguments (plus `runtime` ones), a function gets them bound with functools.partial.
+    Keys in `extra` are rlkit's own, not passed on. A ValueError from a class's own checks of its
+    arguments is a ConfigError naming `key`."""
     kwargs = {k: v for k, v in node.items() if not k.startswith("_") and k not in extra}
     kwargs = {**OmegaConf.to_container(OmegaConf.create(kwargs), resolve=True), **(runtime or {})}
     target = import_target(node._target_)
-    return target(**kwargs) if inspect.isclass(target) else functools.partial(target, **kwargs)
+    if not inspect.isclass(target):
+        return functools.partial(target, **kwargs)
+    try:
+        return target(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
 
 
 def compose(overrides: list[str] = ()) -> DictConfig:

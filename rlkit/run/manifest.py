@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -139,11 +140,26 @@ def build_manifest(cfg, device, dtype, engine: str, resumed_from: dict | None = 
 
 
 def write_manifest(
-    run_dir: Path, cfg, device, dtype, engine: str, resumed_from: dict | None = None
+    run_dir: Path,
+    cfg,
+    device,
+    dtype,
+    engine: str,
+    resumed_from: dict | None = None,
+    segment_start: int = 0,
 ) -> Path:
-    path = Path(run_dir) / "manifest.json"
+    """`manifest.json`, the newest segment's, and `manifests/step_NNNNNN.json` for the segment
+    that starts at RL step NNNNNN: a run resumed with another config or on another machine keeps
+    the record of each of its parts (a fresh start clears earlier ones)."""
     manifest = build_manifest(cfg, device, dtype, engine, resumed_from)
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(manifest, indent=2, sort_keys=True)
+    segments = Path(run_dir) / "manifests"
+    if segment_start == 0 and resumed_from is None:
+        shutil.rmtree(segments, ignore_errors=True)
+    segments.mkdir(exist_ok=True)
+    (segments / f"step_{segment_start:06d}.json").write_text(text + "\n")
+    path = Path(run_dir) / "manifest.json"
+    path.write_text(text + "\n")
     return path
 
 

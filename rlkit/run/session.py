@@ -10,7 +10,6 @@ summary. Used as a context manager, it closes every output on the way out, crash
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from rich.progress import Progress, TaskID
 
 import rlkit
 from rlkit.run import seeds
-from rlkit.run.checkpoint import Checkpointer, Resumed
+from rlkit.run.checkpoint import Checkpointer, Resumed, take
 from rlkit.run.config import adapter_args, as_callable, engine_args, plain
 from rlkit.run.manifest import write_manifest
 from rlkit.run.outputs import MetricsWriter, console, finite, plot_curves, progress_bar
@@ -51,7 +50,7 @@ class Session:
         sinks = []
         if cfg.logger:
             runtime = {"run_dir": str(run_dir), "run_config": plain(cfg)}
-            sinks.append(as_callable(cfg.logger, runtime=runtime))
+            sinks.append(as_callable(cfg.logger, "logger", runtime=runtime))
         service = rlkit.ServiceClient(
             device=None if cfg.model.device == "auto" else cfg.model.device,
             dtype=None if cfg.model.dtype == "auto" else str(cfg.model.dtype),
@@ -69,6 +68,7 @@ class Session:
             service.dtype,
             service.engine.name,
             checkpoints.resumed_from,
+            segment_start=resumed.step,
         )
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         return cls(
@@ -123,7 +123,7 @@ class Session:
         """After the last step: the adapter, the plot and summary.json; returns the summary."""
         self._stop_progress()
         adapter = self.trainer.save_weights_for_sampler("final").result().path
-        shutil.copytree(adapter, self.run_dir / "adapter", dirs_exist_ok=True)
+        take(adapter, self.run_dir / "adapter", self.checkpoints.dir)
         plot_curves(self.history, self.run_dir / "curves.png", title=str(self.run_dir.name))
         return summarize(self.history, self.run_dir)
 
