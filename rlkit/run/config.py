@@ -328,11 +328,11 @@ def plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def adam_params(optim: DictConfig, **changes: float) -> AdamParams:
+def adam_params(optim: DictConfig) -> AdamParams:
     """`optim.*` as the API's AdamParams (the same fields; `lr` is learning_rate)."""
     names = {f.name for f in dataclasses.fields(AdamParams)}
     keys = {OPTIM_RENAME.get(n, n): n for n in names}
-    return AdamParams(**{keys[k]: v for k, v in optim.items() if k in keys}, **changes)
+    return AdamParams(**{keys[k]: v for k, v in optim.items() if k in keys})
 
 
 def adapter_args(adapter: DictConfig) -> dict[str, Any]:
