@@ -126,6 +126,16 @@ def test_every_field_has_a_comment_above_it():
             r"engine.gpu_memory_utilization must be in \(0, 1\], got 2",
         ),
         (["engine=vllm", "engine.max_num_seqs=0"], ConfigError, "engine.max_num_seqs must be >= 1"),
+        (
+            ["engine=vllm", "engine.max_num_seqs=abc"],
+            ConfigError,
+            "engine.max_num_seqs='abc' must be int",
+        ),
+        (
+            ["engine.probe_tolerance=abc"],
+            ConfigError,
+            "engine.probe_tolerance='abc' must be a number",
+        ),
         (["engine.probe_tolerance=0"], ConfigError, "engine.probe_tolerance must be > 0"),
         (["engine._target_=no.such.Engine"], ConfigError, "cannot import engine 'no.such.Engine'"),
         (["determinism.cublas_workspace=4096"], ConfigError, "must look like ':4096:8'"),

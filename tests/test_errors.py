@@ -167,6 +167,10 @@ def test_bad_checkpoint_paths(service, trainer, tmp_path):
         ({"engine": "vlm"}, "unknown engine 'vlm'; known engines: hf, vllm"),
         ({"engine_options": {"kv_cache": 1}}, "unknown engine_options kv_cache for engine 'hf'"),
         ({"engine_options": {"probe_tolerance": 0}}, "probe_tolerance must be > 0, got 0"),
+        (
+            {"engine": "vllm", "engine_options": {"kv_cache_gib": "1G"}},
+            "engine_options kv_cache_gib='1G' must be float or null",
+        ),
     ],
 )
 def test_bad_engine_arguments_are_named(kwargs, message):

@@ -7,13 +7,11 @@ binds its arguments) before any model is loaded.
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import functools
 import importlib
 import inspect
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -25,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rlkit.api.adapter import AdapterSpec
 from rlkit.api.errors import RlkitError
+from rlkit.api.typecheck import matches, type_name
 from rlkit.api.types import AdamParams
 
 
@@ -390,40 +389,11 @@ def _check_types(key: str, node: DictConfig, target: Any) -> None:
         return
     values = OmegaConf.to_container(node, resolve=True)
     for name, value in values.items():
-        if name in hints and not _matches(value, hints[name]):
+        if name in hints and not matches(value, hints[name]):
             raise ConfigError(
-                f"{key}.{name}={value!r} must be {_type_name(hints[name])} "
+                f"{key}.{name}={value!r} must be {type_name(hints[name])} "
                 f"(the {name} argument of {node._target_})"
             )
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in args)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint in (str, bool):
-        return isinstance(value, hint)
-    if origin in (list, tuple, collections.abc.Sequence):
-        element = args[0] if args else None
-        return isinstance(value, list | tuple) and (
-            element is None or all(_matches(v, element) for v in value)
-        )
-    return True
-
-
-def _type_name(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in args)
-    if origin in (list, tuple, collections.abc.Sequence):
-        return f"a list of {_type_name(args[0])}" if args else "a list"
-    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 def as_callable(node: DictConfig, key: str, extra=(), runtime: dict | None = None):

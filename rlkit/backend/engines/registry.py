@@ -7,8 +7,11 @@ validated), so a bad engine name or option fails before any model loads, naming 
 from __future__ import annotations
 
 import importlib
+import typing
 from dataclasses import dataclass, fields
 from typing import Any
+
+from rlkit.api.typecheck import matches, type_name
 
 # Short name -> engine class. A new engine needs no line here: its dotted path works as well.
 ENGINES = {
@@ -43,6 +46,8 @@ class EngineSettings:
         engine_cls = _engine_class(engine)
         options = dict(engine_options or {})
         tolerance = options.pop("probe_tolerance", None)
+        if not matches(tolerance, float | None):
+            raise ValueError(f"{where}probe_tolerance={tolerance!r} must be a number or null")
         if tolerance is not None and not tolerance > 0:
             raise ValueError(f"{where}probe_tolerance must be > 0, got {tolerance!r}")
         known = [f.name for f in fields(engine_cls.Options)]
@@ -51,6 +56,10 @@ class EngineSettings:
                 f"unknown {', '.join(where + key for key in unknown)} for engine "
                 f"{engine_cls.name!r}; known: {', '.join([*COMMON_OPTIONS, *known])}"
             )
+        hints = typing.get_type_hints(engine_cls.Options)
+        for key, value in options.items():
+            if not matches(value, hints[key]):
+                raise ValueError(f"{where}{key}={value!r} must be {type_name(hints[key])}")
         try:
             engine_options = engine_cls.Options(**options)
         except ValueError as exc:
