@@ -167,16 +167,12 @@ class RunConfig:
 
 # Where the YAML lives: top-level conf/ and recipes/ in a source checkout; inside the package
 # (rlkit/conf, rlkit/recipes) in an installed wheel, where the build copies them.
+# The primary config file decides which, for both folders (a leftover empty rlkit/conf/ in an
+# old checkout does not).
 _PACKAGE = Path(__file__).resolve().parents[1]
-
-
-def _data_dir(name: str) -> Path:
-    installed = _PACKAGE / name
-    return installed if installed.is_dir() else _PACKAGE.parent / name
-
-
-CONF_DIR = _data_dir("conf")
-RECIPES_DIR = _data_dir("recipes")
+_ROOT = _PACKAGE if (_PACKAGE / "conf" / "config.yaml").is_file() else _PACKAGE.parent
+CONF_DIR = _ROOT / "conf"
+RECIPES_DIR = _ROOT / "recipes"
 
 
 def register() -> None:
