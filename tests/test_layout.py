@@ -39,3 +39,46 @@ def test_each_engine_yaml_sets_exactly_its_options(path):
     declared = {f.name for f in dataclasses.fields(engine.Options)}
     assert set(node) - {"_target_", "probe_tolerance"} == declared
     assert engine.name == path.stem
+
+
+def test_an_engine_from_outside_rlkit_plugs_in_by_its_dotted_path(tmp_path, monkeypatch):
+    """Adding an engine touches no rlkit file: a class with name, Options and build, named by
+    its path, serves the sampler; its options are checked against its own Options."""
+    (tmp_path / "my_engines.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from rlkit.backend.engines.hf import HFEngine\n"
+        "class LoggingHF(HFEngine):\n"
+        "    name = 'logging_hf'\n"
+        "    built = []\n"
+        "    @dataclass(frozen=True)\n"
+        "    class Options:\n"
+        "        tag: str = 'x'\n"
+        "    @classmethod\n"
+        "    def build(cls, learner, options):\n"
+        "        cls.built.append(options.tag)\n"
+        "        return cls(learner.model, learner.tokenizer)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import rlkit
+    from rlkit.api import types
+
+    with pytest.raises(ValueError, match="unknown engine_options colour for engine 'logging_hf'"):
+        rlkit.ServiceClient(
+            device="cpu", engine="my_engines.LoggingHF", engine_options={"colour": 1}
+        )
+    service = rlkit.ServiceClient(
+        device="cpu",
+        checkpoint_dir=tmp_path,
+        engine="my_engines.LoggingHF",
+        engine_options={"tag": "t"},
+    )
+    trainer = service.create_lora_training_client("rlkit-tiny", rank=4, seed=0)
+    sampler = trainer.save_weights_and_get_sampling_client()
+    out = sampler.sample(
+        types.ModelInput.from_ints([1, 2, 3]), 2, types.SamplingParams(max_tokens=3)
+    )
+    assert len(out.result().sequences) == 2
+    import my_engines
+
+    assert my_engines.LoggingHF.built == ["t"]
+    assert service.engine.name == "logging_hf"
