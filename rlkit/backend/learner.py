@@ -28,7 +28,7 @@ from rlkit.api.types import (
     SampledSequence,
     TensorData,
 )
-from rlkit.backend import adapters, models
+from rlkit.backend import adapters, distributed, models
 from rlkit.backend.batching import TokenRow, microbatches, pad, to_rows
 from rlkit.backend.engines.base import Engine, Request
 from rlkit.backend.engines.probe import Snapshot, check_probe, probe_tokens
@@ -115,11 +115,14 @@ class Learner:
         )
 
     def optim_step(self, adam: AdamParams) -> OptimStepResponse:
-        if self.pending_datums == 0:
+        # In a group of processes, each process's datums are its share of one batch: the step
+        # uses the gradients summed over all of them (see distributed.py).
+        if distributed.sum_count(self.pending_datums) == 0:
             raise NoGradientsError(
                 "optim_step called with no gradients accumulated: call forward_backward first"
             )
         params = list(self.params.values())
+        distributed.sum_gradients(params)
         max_norm = adam.grad_clip_norm if adam.grad_clip_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not torch.isfinite(torch.tensor(grad_norm)):
