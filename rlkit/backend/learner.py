@@ -59,7 +59,7 @@ class Learner:
         self.tokens_per_microbatch = tokens_per_microbatch
         self.tokenizer = models.load_tokenizer(base_model)  # cheap: fails fast on a bad name
         self.engine = engine or EngineSettings.parse()
-        self.engine.check(models.load_config(base_model), self.device, spec)  # before weights
+        self.engine.check(base_model, self.device, spec)  # before any weights load
         base = models.load_model(base_model, dtype=dtype, device=self.device)
         self.model = adapters.attach(base, spec)
         self.params = adapters.trainable_parameters(self.model)

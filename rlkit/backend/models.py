@@ -185,12 +185,18 @@ def _check_hub(repo_id: str) -> None:
         return  # from_pretrained reads the cache only, and fails at once
     from huggingface_hub import HfApi, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+    if repo_id in _HUB_FOUND:  # resolve() runs for the tokenizer, config and weights alike
         return
-    try:
-        HfApi().model_info(repo_id, timeout=10)
-    except Exception as exc:  # unreachable, not found, gated: from_pretrained would fail too
-        raise ModelNotFoundError(_not_found_message(repo_id, exc)) from None
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        try:
+            HfApi().model_info(repo_id, timeout=10)
+        except Exception as exc:  # unreachable, not found, gated: from_pretrained would fail too
+            raise ModelNotFoundError(_not_found_message(repo_id, exc)) from None
+    _HUB_FOUND.add(repo_id)
+
+
+# Hub ids found in the cache or on the hub by this process.
+_HUB_FOUND: set[str] = set()
 
 
 def load_tokenizer(base_model: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -271,14 +271,19 @@ def verify(path: Path) -> str | None:
 FIXED_ON_RESUME = ("model.base_model", "adapter.")
 
 
-def check_fixed_keys(saved: dict, current: dict, path: Path) -> None:
-    """A ConfigError naming every key in FIXED_ON_RESUME that differs from the checkpoint's."""
+def config_changes(saved: dict, current: dict, keep=lambda key: True) -> list[str]:
+    """`key (saved -> current)` for every flattened key that differs and `keep` accepts."""
     flat_saved, flat_now = flatten(saved), flatten(current)
-    changed = [
+    return [
         f"{k} ({flat_saved.get(k, '<absent>')!r} -> {flat_now.get(k, '<absent>')!r})"
         for k in sorted(flat_saved.keys() | flat_now.keys())
-        if k.startswith(FIXED_ON_RESUME) and flat_saved.get(k) != flat_now.get(k)
+        if keep(k) and flat_saved.get(k, "<absent>") != flat_now.get(k, "<absent>")
     ]
+
+
+def check_fixed_keys(saved: dict, current: dict, path: Path) -> None:
+    """A ConfigError naming every key in FIXED_ON_RESUME that differs from the checkpoint's."""
+    changed = config_changes(saved, current, lambda key: key.startswith(FIXED_ON_RESUME))
     if changed:
         raise ConfigError(
             f"cannot resume from {path} with a different {', '.join(changed)}: the checkpoint's "
@@ -289,18 +294,9 @@ def check_fixed_keys(saved: dict, current: dict, path: Path) -> None:
 
 def warn_config_changes(saved: dict, current: dict) -> list[str]:
     """Warn, naming the keys, when the config differs from the one the checkpoint was saved with."""
-    flat_saved = {k: v for k, v in flatten(saved).items() if k not in NOT_HASHED}
-    flat_now = {k: v for k, v in flatten(current).items() if k not in NOT_HASHED}
-    changed = sorted(
-        k
-        for k in flat_saved.keys() | flat_now.keys()
-        if flat_saved.get(k, "<absent>") != flat_now.get(k, "<absent>")
-    )
+    changed = config_changes(saved, current, lambda key: key not in NOT_HASHED)
     if changed:
-        details = ", ".join(
-            f"{k} ({flat_saved.get(k, '<absent>')!r} -> {flat_now.get(k, '<absent>')!r})"
-            for k in changed
-        )
+        details = ", ".join(changed)
         _say(
             "[yellow]warning: resuming with a config that differs from the checkpoint's: "
             f"{escape(details)}; the run will not match an uninterrupted one"

@@ -360,8 +360,7 @@ def check_target(
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise ConfigError(f"{key} needs a _target_ (a dotted path to a function or class)")
     target = import_target(node._target_)
-    kwargs = {k: v for k, v in node.items() if not k.startswith("_") and k not in extra}
-    kwargs.update(dict.fromkeys(runtime_kwargs))
+    kwargs = {**_arguments(node, extra), **dict.fromkeys(runtime_kwargs)}
     try:
         signature = inspect.signature(target)
     except (TypeError, ValueError):
@@ -374,6 +373,11 @@ def check_target(
     except TypeError as exc:
         raise ConfigError(f"{key}: {node._target_} {exc}") from None
     _check_types(key, node, target)
+
+
+def _arguments(node: DictConfig, extra=()) -> dict[str, Any]:
+    """A `_target_` node's arguments: its keys but `_target_`-style ones and rlkit's own `extra`."""
+    return {k: v for k, v in node.items() if not k.startswith("_") and k not in extra}
 
 
 def _check_types(key: str, node: DictConfig, target: Any) -> None:
@@ -397,8 +401,8 @@ def as_callable(node: DictConfig, key: str, extra=(), runtime: dict | None = Non
     node's arguments (plus `runtime` ones), a function gets them bound with functools.partial.
     Keys in `extra` are rlkit's own, not passed on. A ValueError from a class's own checks of its
     arguments is a ConfigError naming `key`."""
-    kwargs = {k: v for k, v in node.items() if not k.startswith("_") and k not in extra}
-    kwargs = {**OmegaConf.to_container(OmegaConf.create(kwargs), resolve=True), **(runtime or {})}
+    arguments = OmegaConf.to_container(OmegaConf.create(_arguments(node, extra)), resolve=True)
+    kwargs = {**arguments, **(runtime or {})}
     target = import_target(node._target_)
     if not inspect.isclass(target):
         return functools.partial(target, **kwargs)

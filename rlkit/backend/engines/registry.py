@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from rlkit.api.typecheck import matches, type_name
+from rlkit.backend import models
 
 # Short name -> engine class. A new engine needs no line here: its dotted path works as well.
 ENGINES = {
@@ -66,12 +67,13 @@ class EngineSettings:
             raise ValueError(f"{where}{exc}") from None
         return cls(engine_cls, engine_options, tolerance)
 
-    def check(self, model_config, device, spec) -> None:
+    def check(self, base_model: str, device, spec) -> None:
         """Raises when the engine cannot serve this model, before any weights load (an engine
-        class may define `check(model_config, device, spec)`; most need none)."""
+        class may define `check(model_config, device, spec)`; most need none, and for them
+        the model's config is not even read)."""
         check = getattr(self.engine, "check", None)
         if check is not None:
-            check(model_config, device, spec)
+            check(models.load_config(base_model), device, spec)
 
     def build(self, learner):
         """The engine for `learner` (an engine may hand over to another, e.g. vllm -> hf)."""
