@@ -42,7 +42,8 @@ from rlkit.api.types import (
     SaveWeightsResponse,
     to_token_list,
 )
-from rlkit.backend import models
+from rlkit.backend import distributed, models
+from rlkit.backend.distributed import PeerLostError, Processes
 from rlkit.backend.engines.base import Request
 from rlkit.backend.engines.probe import Snapshot
 from rlkit.backend.engines.registry import ENGINES, EngineSettings
@@ -50,14 +51,34 @@ from rlkit.backend.learner import Learner, read_state
 
 # The rollout engines' short names (`ServiceClient(engine=...)`) and their settings parser, for
 # callers above the seam that check a config before making a client.
+# `processes()`: this process's place in a data-parallel run (rlkit.backend.distributed).
 __all__ = [
     "ENGINES",
     "APIFuture",
     "EngineSettings",
+    "PeerLostError",
+    "Processes",
     "SamplingClient",
     "ServiceClient",
     "TrainingClient",
+    "launcher_info",
+    "processes",
 ]
+
+
+def processes(timeout_s: float | None = None) -> Processes:
+    """This process's rank among the processes a launcher started (`accelerate launch`,
+    torchrun), joining their group on the first call; rank 0 of 1 without a launcher.
+
+    In a group, every training client's `optim_step` uses the gradients summed over all the
+    processes: each process's `forward_backward` datums are its share of one batch."""
+    return distributed.join(timeout_s)
+
+
+def launcher_info() -> dict[str, Any]:
+    """World size, backend and the launcher's settings, for a run's manifest."""
+    return distributed.launcher_info()
+
 
 T = TypeVar("T")
 
@@ -182,6 +203,7 @@ class ServiceClient:
         **_hosted_only: Any,
     ) -> None:
         self.engine = EngineSettings.parse(engine, engine_options)
+        device = distributed.device(device)  # several processes on a node: one GPU each
         self.device = (
             torch.device(device)
             if device

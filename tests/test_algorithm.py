@@ -19,6 +19,7 @@ from rlkit.rl.rewards.format import format_reward
 from rlkit.rl.rollouts import (
     Group,
     group_datums,
+    logprob_gaps,
     mismatch_metrics,
     rollout_metrics,
     sample_records,
@@ -148,12 +149,14 @@ def test_mismatch_metrics_by_hand():
     (datum,) = group_datums(group, torch.tensor([1.0]))
     # Trainer logprobs on the two completion tokens: gaps d = +0.5 and -0.5 (prompt ignored).
     out = {"logprobs": types.TensorData.from_list([-9.0, -0.5, -1.5])}
-    m = mismatch_metrics([datum], [out], tis_cap=1.5)
+    gaps = logprob_gaps([datum], [out])
+    assert gaps.tolist() == [0.5, -0.5]
+    m = mismatch_metrics(gaps, tis_cap=1.5)
     assert m["train/logprob_mismatch"] == pytest.approx(0.5)
     k3 = ((math.exp(0.5) - 1 - 0.5) + (math.exp(-0.5) - 1 + 0.5)) / 2
     assert m["train/kl_sampler_trainer"] == pytest.approx(k3)
     assert m["train/tis_capped_frac"] == 0.5  # exp(0.5) = 1.65 > 1.5; exp(-0.5) is not
-    assert mismatch_metrics([datum], [out])["train/tis_capped_frac"] is None
+    assert mismatch_metrics(gaps)["train/tis_capped_frac"] is None
 
 
 def test_score_groups_raises_or_skips_a_failing_reward(capsys):

@@ -106,6 +106,11 @@ def test_first_signal_asks_to_stop_second_aborts_and_handlers_come_back():
     def body():
         os.kill(os.getpid(), signal.SIGTERM)
         assert checkpoint.STOP.requested == "SIGTERM"
+        # Within the repeat window, a second signal is the same request (Ctrl-C reaches a
+        # launcher's processes directly and again through the launcher): no abort.
+        signal.raise_signal(signal.SIGINT)
+        assert checkpoint.STOP.requested == "SIGTERM"
+        checkpoint.STOP.at -= checkpoint.REPEAT_WINDOW_S  # later: a second request
         with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
             signal.raise_signal(signal.SIGINT)
 

@@ -1,41 +1,206 @@
-"""Data parallelism across processes, the part that lives in the machine half: the adapter's
-gradients summed over every process of a torch.distributed group before the optimizer step, so
-that every process takes the identical step.
+"""Data parallelism across processes, the part that lives in the machine half.
 
-Processes are started by a launcher (`accelerate launch`, torchrun) and joined by
-torch.distributed; rlkit starts none itself. In one process (no group), nothing here does
-anything, so a single-process run computes exactly what it always did.
+Processes are started by a launcher (`accelerate launch`, torchrun) and joined here through
+torch.distributed, from the environment the launcher sets (RANK, WORLD_SIZE, MASTER_ADDR, ...);
+rlkit starts no process itself. `join()` makes the group once per process; `Processes` is what
+the layers above use: this process's rank, its share of a list, and the few collectives a run
+needs (gather to the main process, broadcast from it, sums). The learner sums the adapter's
+gradients over the group before each optimizer step, so every process takes the identical step.
+
+In one process (no launcher), `join()` makes no group and every method here is a local no-op,
+so a single-process run computes exactly what it always did.
+
+CPU tensors go over gloo; on GPUs the gradients go over NCCL ("cpu:gloo,cuda:nccl"). A peer
+that dies makes the next collective fail (its connection drops) or, where nothing notices,
+time out after `timeout_s`; either way a `PeerLostError` names this rank and the operation.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
+from rlkit.api.errors import RlkitError
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+# Environment variables of the launcher recorded in the manifest (what decides the layout).
+LAUNCHER_ENV = (
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+    "ACCELERATE_MIXED_PRECISION",
+    "ACCELERATE_USE_CPU",
+)
 
 
+class PeerLostError(RlkitError):
+    """A collective failed: another process died, hung past the timeout, or left early."""
+
+
+@dataclass
+class Processes:
+    """This process's place in a data-parallel run: rank `rank` of `world_size`."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    # The torch.distributed group the run's collectives use; None in one process.
+    group: Any = None
+    # Collectives fail after this many seconds; None: torch's default (30 min).
+    timeout_s: float | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes outputs, the manifest and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def backend(self) -> str | None:
+        return dist.get_backend(self.group) if self.group is not None else None
+
+    def shard(self, n: int) -> list[int]:
+        """This process's indices of `n` items: rank, rank + N, ... (interleaved, so shares
+        differ by at most one item whatever n is)."""
+        return list(range(self.rank, n, self.world_size))
+
+    def gather(self, obj: Any, what: str = "gather") -> list[Any] | None:
+        """Every process's `obj`, in rank order, on the main process; None on the others."""
+        if self.group is None:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        self._run(what, dist.gather_object, obj, out, dst=0, group=self.group)
+        return out
+
+    def broadcast(self, obj: Any = None, what: str = "broadcast") -> Any:
+        """The main process's `obj`, on every process."""
+        if self.group is None:
+            return obj
+        box = [obj if self.is_main else None]
+        self._run(what, dist.broadcast_object_list, box, src=0, group=self.group)
+        return box[0]
+
+    def sum(self, value: float, what: str = "sum") -> float:
+        """`value` summed over the processes, in float64 (exact for counts)."""
+        if self.group is None:
+            return value
+        total = torch.tensor([float(value)], dtype=torch.float64)
+        self._run(what, dist.all_reduce, total, group=self.group)
+        return float(total)
+
+    def any(self, flag: bool, what: str = "any") -> bool:
+        """True on every process when any process passes True."""
+        return self.sum(float(bool(flag)), what) > 0
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Every parameter's gradient becomes, in place, its sum over the processes; a process
+        with no gradient (all its groups skipped) contributes zeros. One flat all-reduce per
+        step: one message, and the same summation order every time."""
+        if self.group is None:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self._run("gradient sum", dist.all_reduce, flat, group=self.group)
+        offset = 0
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = flat[offset : offset + grad.numel()].view_as(grad)
+            offset += grad.numel()
+
+    def _run(self, what: str, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except (RuntimeError, pickle.UnpicklingError, ConnectionError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise PeerLostError(
+                f"rank {self.rank} of {self.world_size}: the {what} across processes failed "
+                f"({first[:200]}). Another process died or stopped responding; the launcher's "
+                "report names which rank failed first"
+            ) from exc
+
+
+# The process's group, once joined; one process (no group) until then.
+_CURRENT = Processes()
+
+
+def launched() -> bool:
+    """Whether a launcher started this process as one of several (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join(timeout_s: float | None = None) -> Processes:
+    """This process's place in the run: joins the launcher's process group on the first call
+    (WORLD_SIZE > 1), with collectives that fail after `timeout_s` (torch's default: 30 min);
+    a later call with a timeout makes the run's group with it. One process: rank 0 of 1."""
+    global _CURRENT
+    if not launched():
+        return _CURRENT
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        kwargs = {"timeout": timeout} if timeout else {}
+        dist.init_process_group(backend, **kwargs)
+        _CURRENT = Processes(
+            dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD, timeout_s
+        )
+    elif timeout is not None:
+        group = dist.new_group(timeout=timeout)
+        current()  # rank and size, when the group was made outside join()
+        _CURRENT = Processes(
+            _CURRENT.rank, _CURRENT.world_size, _CURRENT.local_rank, group, timeout_s
+        )
+    return _CURRENT
+
+
+def current() -> Processes:
+    """The run's processes; a group made by other code (a user's own init_process_group, e.g.
+    through accelerate) counts too, so the learner sums gradients over it."""
+    global _CURRENT
+    if _CURRENT.group is None and dist.is_available() and dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        _CURRENT = Processes(dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD)
+    return _CURRENT
+
+
+def device(requested: str | None) -> str | None:
+    """The device of this process: a requested `cuda` (or none, on a GPU machine) becomes this
+    process's own GPU (LOCAL_RANK) when several processes run on one node."""
+    if not launched() or not torch.cuda.is_available():
+        return requested
+    if requested in (None, "cuda"):
+        return f"cuda:{current().local_rank}"
+    return requested
+
+
+def launcher_info() -> dict[str, Any]:
+    """For the manifest: world size, backend and the launcher's settings (one process: the
+    world size alone)."""
+    if current().group is None:
+        return {"world_size": 1}
+    return {
+        "world_size": _CURRENT.world_size,
+        "backend": _CURRENT.backend,
+        "timeout_s": _CURRENT.timeout_s,
+        "launcher_env": {k: os.environ.get(k) for k in LAUNCHER_ENV},
+    }
+
+
+# The learner's hooks (one process: no-ops).
 def sum_count(n: int) -> int:
     """`n` summed over the processes (each process passes its own)."""
-    if world_size() == 1:
-        return n
-    total = torch.tensor([n], dtype=torch.int64)
-    dist.all_reduce(total)
-    return int(total)
+    return int(current().sum(n, "datum count"))
 
 
 def sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Every parameter's gradient becomes, in place, its sum over the processes; a process with
-    no gradient (all its groups skipped) contributes zeros. One flat all-reduce per step: one
-    message, and the same summation order every time."""
-    if world_size() == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for param, grad in zip(params, grads, strict=True):
-        param.grad = flat[offset : offset + grad.numel()].view_as(grad)
-        offset += grad.numel()
+    current().sum_gradients(params)

@@ -8,6 +8,7 @@ checksum of every file; a cache entry whose checksums do not match is rebuilt, n
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoConfig,
@@ -146,11 +148,27 @@ def builtin_path(name: str) -> Path:
     if _cache_is_valid(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (several processes of a run share the cache): the others wait,
+    # then find it built.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _cache_is_valid(target):
+            _build(name, spec, target)
+    return target
+
+
+def _build(name: str, spec: BuiltinSpec, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         tokenizer = build_tokenizer()
         model = build_model(spec, len(tokenizer), tokenizer)
-        model.save_pretrained(staging)
+        # Not model.save_pretrained: under torch.distributed it writes only on rank 0, and the
+        # process that builds the shared cache may be any rank.
+        save_file(model.state_dict(), staging / "model.safetensors", metadata={"format": "pt"})
+        model.config.architectures = [type(model).__name__]
+        model.config.dtype = next(model.parameters()).dtype
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         manifest = {"name": name, "spec": asdict(spec), "sha256": _checksums(staging)}
         (staging / "rlkit_build.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -159,7 +177,6 @@ def builtin_path(name: str) -> Path:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def resolve(base_model: str) -> str:

@@ -15,7 +15,11 @@ Runs are bitwise reproducible and resumable (`resume=auto`): randomness derives 
 ...) (`rlkit.run.seeds`), and `Session` writes atomic checkpoints every few steps
 (`rlkit.run.checkpoint`). The environment, not the loop, decides whether a completion is correct.
 
-Data parallelism (later) splits `problems_P` across processes; nothing else here changes.
+Data parallelism: under a launcher (`accelerate launch --num_processes N -m rlkit ...`) each of the
+N processes samples, scores and trains on its share of the step's groups; the optimizer step
+sums the gradients over the processes, so all take the same step, and the main process logs
+the step from everyone's shares. The batch (`groups_per_step` x `group_size`) does not depend
+on N.
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ from rlkit.api import types
 from rlkit.rl import sft
 from rlkit.rl.rewards.base import WeightedReward
 from rlkit.rl.rollouts import (
+    Share,
     evaluate,
     group_datums,
+    logprob_gaps,
+    merge,
     mismatch_metrics,
     rollout_metrics,
     sample_groups,
@@ -70,64 +77,82 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     )
     with Session.open(cfg, run_dir) as run:  # clients, outputs, checkpoints; resumes if asked
         trainer, tokenizer = run.trainer, run.trainer.get_tokenizer()
+        procs = run.processes  # this process's rank among N (N = 1 without a launcher)
         if cfg.warmup.steps and not run.resumed.path:
             warm_start(run, env)
         sampler = trainer.save_weights_and_get_sampling_client()
         for step in run.steps():  # checkpoints when due; ends early on Ctrl-C / SIGTERM
             metrics = {"step": step}
             if step % cfg.eval_every == 0:
-                metrics |= evaluate(sampler, env, tokenizer, params)
+                metrics |= evaluate(sampler, env, tokenizer, params, procs)
 
-            # Problems and sampling seeds are functions of (seed, step): a resumed run draws the same.
+            # Problems and sampling seeds are functions of (seed, step): a resumed run draws the
+            # same, whatever its number of processes. Each process takes whole groups (rank,
+            # rank + N, ...), so advantages stay within a group.
             with timed(metrics, "time/sample"):
                 problems_P = env.sample(seeds.rng(cfg.seed, "problems", step), cfg.groups_per_step)
                 seeds_P = [
                     seeds.derive_seed(cfg.seed, "rollout", step, i) for i in range(len(problems_P))
                 ]
-                groups_P = sample_groups(
-                    sampler, tokenizer, problems_P, cfg.group_size, params, seeds_P
+                mine = procs.shard(len(problems_P))
+                groups = sample_groups(
+                    sampler,
+                    tokenizer,
+                    [problems_P[i] for i in mine],
+                    cfg.group_size,
+                    params,
+                    [seeds_P[i] for i in mine],
                 )
 
             with timed(metrics, "time/score"):
-                scores_P = score_groups(
-                    groups_P, rewards, cfg.on_reward_error, step
-                )  # None: skipped
+                scores = score_groups(groups, rewards, cfg.on_reward_error, step, procs)
                 datums_D, skipped = [], 0
-                for group, scores in zip(groups_P, scores_P, strict=True):
-                    if scores is None:
+                for group, group_scores in zip(groups, scores, strict=True):
+                    if group_scores is None:
                         continue  # a reward failed and on_reward_error=skip
-                    rewards_G = torch.tensor(scores.total)
+                    rewards_G = torch.tensor(group_scores.total)
                     if torch.all(rewards_G == rewards_G[0]):
                         skipped += 1  # all equal: no signal
                         continue
                     datums_D += group_datums(group, advantage_fn(rewards_G))
-            metrics |= rollout_metrics(groups_P, scores_P, env)
-            metrics["train/frac_skipped_groups"] = skipped / len(groups_P)
+            share = Share(mine, groups, scores, skipped)
 
             metrics |= dict.fromkeys(TRAIN_KEYS)
             with timed(metrics, "time/train"):
-                if datums_D:
+                # The optimizer steps when any process has datums; its gradients are their sum.
+                if procs.sum(len(datums_D), "datum count"):
                     lr = learning_rate(cfg, step)
-                    fwd_bwd = trainer.forward_backward(datums_D, cfg.loss.name, loss_config)
+                    if datums_D:  # a process without any joins the step with zero gradients
+                        out = trainer.forward_backward(datums_D, cfg.loss.name, loss_config)
                     optim = trainer.optim_step(replace(adam, learning_rate=lr))
-                    out = fwd_bwd.result()
-                    metrics["train/loss"] = out.metrics["loss:sum"]
+                    if datums_D:
+                        share.loss = out.result().metrics["loss:sum"]
+                        share.gaps = logprob_gaps(datums_D, out.result().loss_fn_outputs)
                     metrics["train/grad_norm"] = optim.result().metrics["grad_norm"]
                     metrics["train/lr"] = lr
-                    tis_cap = loss_config.get("tis_cap", 0.0)
-                    metrics |= mismatch_metrics(datums_D, out.loss_fn_outputs, tis_cap)
 
             with timed(metrics, "time/sync"):
                 sampler = trainer.save_weights_and_get_sampling_client()
             metrics["sync/probe_mismatch"] = sampler.sync_metrics.get("sync/probe_mismatch")
-            metrics["time/step"] = sum(metrics[f"time/{k}"] for k in PHASES)
-            if step % cfg.samples_every == 0:
-                run.write_samples(sample_records(step, groups_P))
-            run.log(metrics)
+
+            # The main process merges every process's share and logs the step (the others' log
+            # and write_samples do nothing).
+            shares = procs.gather(share, "step results")
+            if shares is not None:
+                step_all = merge(shares)
+                metrics |= rollout_metrics(step_all.groups, step_all.scores, env)
+                metrics["train/frac_skipped_groups"] = step_all.skipped / len(problems_P)
+                if step_all.gaps is not None:
+                    metrics["train/loss"] = step_all.loss
+                    metrics |= mismatch_metrics(step_all.gaps, loss_config.get("tis_cap", 0.0))
+                metrics["time/step"] = sum(metrics[f"time/{k}"] for k in PHASES)
+                if step % cfg.samples_every == 0:
+                    run.write_samples(sample_records(step, step_all.groups))
+                run.log(metrics)
 
         if run.stopped:
             raise SystemExit(0)  # the checkpoint is written and the resume command printed
-        run.log({"step": cfg.steps, **evaluate(sampler, env, tokenizer, params)})
+        run.log({"step": cfg.steps, **evaluate(sampler, env, tokenizer, params, procs)})
         return run.finish()
 
 
@@ -147,7 +172,7 @@ def warm_start(run: Session, env) -> None:
     cfg = run.cfg
     adam = types.AdamParams(learning_rate=cfg.warmup.lr, grad_clip_norm=1.0)
     t0 = time.time()
-    with progress_bar() as bar:
+    with progress_bar(show=run.processes.is_main) as bar:
         task = bar.add_task("warm start (SFT)", total=cfg.warmup.steps, status="")
 
         def on_step(_step, m):
@@ -155,7 +180,14 @@ def warm_start(run: Session, env) -> None:
 
         rng = seeds.rng(cfg.seed, "warmup")
         losses = sft.warm_start(
-            run.trainer, env, rng, cfg.warmup.steps, cfg.warmup.batch_size, adam, on_step
+            run.trainer,
+            env,
+            rng,
+            cfg.warmup.steps,
+            cfg.warmup.batch_size,
+            adam,
+            on_step,
+            run.processes,
         )
     run.metrics_out.write(
         {"step": -1, "sft/final_loss": losses[-1], "time/warmup": time.time() - t0}

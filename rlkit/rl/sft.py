@@ -9,6 +9,7 @@ import random
 from collections.abc import Callable, Sequence
 
 from rlkit.api import types
+from rlkit.client import Processes
 from rlkit.rl.envs.base import Env, Problem
 
 
@@ -36,20 +37,33 @@ def train(
     steps: int,
     adam: types.AdamParams,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    processes: Processes | None = None,
 ) -> list[float]:
     """`steps` rounds of forward_backward + optim_step; returns the mean loss per target token.
 
-    The next batch is built while the current step runs (the calls return futures).
+    The next batch is built while the current step runs (the calls return futures). With
+    several processes, each trains on its share of every batch (the optimizer step sums the
+    gradients), and the loss is the whole batch's.
     """
+    processes = processes or Processes()
+
+    def share(step: int) -> list[types.Datum]:
+        batch = make_batch(step)
+        return [batch[i] for i in processes.shard(len(batch))]
+
     losses = []
-    batch = make_batch(0)
+    batch = share(0)
     for step in range(steps):
-        fwd_bwd = trainer.forward_backward(batch, loss_fn="cross_entropy")
+        # A process whose share is empty (a batch smaller than the number of processes)
+        # joins the step with zero gradients.
+        fwd_bwd = trainer.forward_backward(batch, loss_fn="cross_entropy") if batch else None
         optim = trainer.optim_step(adam)
         tokens = sum(sum(d.loss_fn_inputs["weights"].tolist()) for d in batch)
         if step + 1 < steps:
-            batch = make_batch(step + 1)
-        losses.append(fwd_bwd.result().metrics["loss:sum"] / max(tokens, 1.0))
+            batch = share(step + 1)
+        loss_sum = fwd_bwd.result().metrics["loss:sum"] if fwd_bwd else 0.0
+        loss = processes.sum(loss_sum, "SFT loss")
+        losses.append(loss / max(processes.sum(tokens, "SFT token count"), 1.0))
         optim.result()
         if on_step:
             on_step(step, {"sft/loss": losses[-1]})
@@ -64,6 +78,7 @@ def warm_start(
     batch_size: int,
     adam: types.AdamParams,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    processes: Processes | None = None,
 ) -> list[float]:
     """Supervised steps on the environment's worked solutions."""
     tokenizer = trainer.get_tokenizer()
@@ -75,4 +90,4 @@ def warm_start(
             for p in problems
         ]
 
-    return train(trainer, make_batch, steps, adam, on_step)
+    return train(trainer, make_batch, steps, adam, on_step, processes)

@@ -26,7 +26,8 @@ files are rewritten from the checkpoint's copies, so metrics.jsonl ends up byte-
 uninterrupted run's.
 
 Fault injection for tests: RLKIT_FAULT=kill-in-checkpoint:N makes the process SIGKILL itself
-halfway through writing the checkpoint of step N.
+halfway through writing the checkpoint of step N; RLKIT_FAULT=kill-rank:R:step:N makes the
+process of rank R SIGKILL itself before RL step N (a process of a data-parallel run dying).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import shlex
 import shutil
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +53,7 @@ from omegaconf import DictConfig
 from rich.markup import escape
 from safetensors.torch import load_file, save_file
 
+from rlkit.client import Processes
 from rlkit.run.config import ConfigError, plain
 from rlkit.run.manifest import NOT_HASHED, flatten
 from rlkit.run.outputs import console, read_history
@@ -74,18 +77,22 @@ class Resumed:
 class Checkpointer:
     """Saves and restores a run's checkpoints under `run_dir/checkpoints`."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig) -> None:
+    def __init__(self, run_dir: Path, cfg: DictConfig, processes: Processes | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / "checkpoints"
         self.cfg = cfg
+        # With several processes, only the main one writes and chooses; the others follow it.
+        self.processes = processes or Processes()
         self.trainer = None  # set by resume()
         self.every = cfg.checkpoint.every
         self.keep_last = cfg.checkpoint.keep_last
         self.resumed = Resumed()
         self.stopped = False
-        if cfg.resume == "never" and (
-            self.checkpoints() or (self.run_dir / OUTPUT_FILES[0]).exists()
-        ):
+        used = self.processes.is_main and (
+            cfg.resume == "never"
+            and (self.checkpoints() or (self.run_dir / OUTPUT_FILES[0]).exists())
+        )
+        if self.processes.broadcast(used, "run dir check"):
             raise ConfigError(
                 f"{self.run_dir} already holds a run; continue it with resume=auto, "
                 "or choose another hydra.run.dir"
@@ -94,17 +101,24 @@ class Checkpointer:
     # ---- the hook the training loop calls ------------------------------------------------------
     def reached(self, step: int) -> bool:
         """Call before RL step `step` (when `step` steps are done): writes a checkpoint when one
-        is due, and returns True, after writing one, if Ctrl-C / SIGTERM asked the run to stop."""
-        due = step == self.cfg.steps or (self.every and step % self.every == 0) or STOP.requested
-        if due and not (self.resumed.path and step == self.resumed.step):  # that one is on disk
+        is due, and returns True, after writing one, if Ctrl-C / SIGTERM asked the run to stop.
+        With several processes they agree first: all stop after the same step when any was
+        asked to, and the main process writes the one checkpoint."""
+        _fault_point(f"kill-rank:{self.processes.rank}:step:{step}")
+        stop = self.processes.any(STOP.requested is not None, "stop flag")
+        due = step == self.cfg.steps or (self.every and step % self.every == 0) or stop
+        on_disk = self.resumed.path and step == self.resumed.step
+        if due and not on_disk and self.processes.is_main:
             self.save(step)
-        if STOP.requested:
+        if stop:
             self.stopped = True
-            _say(
-                f"[bold]stopped[/bold] by {STOP.requested} with {step} of {self.cfg.steps} RL steps "
-                f"done; checkpoint in {escape(str(self.dir))}. Continue with:\n  "
-                + escape(resume_command(self.run_dir))
-            )
+            if self.processes.is_main:
+                _say(
+                    f"[bold]stopped[/bold] by {STOP.requested or 'another process'} with {step} "
+                    f"of {self.cfg.steps} RL steps done; checkpoint in "
+                    f"{escape(str(self.dir))}. Continue with:\n  "
+                    + escape(resume_command(self.run_dir, self.processes.world_size))
+                )
         return self.stopped
 
     # ---- saving --------------------------------------------------------------------------------
@@ -117,6 +131,7 @@ class Checkpointer:
         save_file(torch_rng_states(), tmp / "rng.safetensors")
         trainer_state = {
             "step": step,
+            "world_size": self.processes.world_size,
             "python_rng": random.getstate(),
             "numpy_rng": _numpy_state(),
             "config": plain(self.cfg),
@@ -126,7 +141,7 @@ class Checkpointer:
         for file in OUTPUT_FILES:
             if (self.run_dir / file).exists():
                 shutil.copy2(self.run_dir / file, tmp / "outputs" / file)
-        _fault_point(step)
+        _fault_point(f"kill-in-checkpoint:{step}")
         sums = {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(_files(tmp))}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True))
         for path in [*_files(tmp), *_dirs(tmp)]:
@@ -159,8 +174,20 @@ class Checkpointer:
     # ---- resuming ------------------------------------------------------------------------------
     def resume(self, trainer) -> Resumed:
         """Restore `trainer` and the run's outputs from the newest complete checkpoint when
-        `cfg.resume` is auto; a fresh start (step 0) otherwise or when there is none."""
+        `cfg.resume` is auto; a fresh start (step 0) otherwise or when there is none. With
+        several processes the main one chooses and restores the outputs; every other process
+        restores the trainer from the checkpoint it chose."""
         self.trainer = trainer
+        if self.processes.is_main:
+            self._resume_main()
+        chosen = self.processes.broadcast(self.resumed.path, "checkpoint choice")
+        if not self.processes.is_main and chosen is not None:
+            self._restore_trainer(Path(chosen))
+            state = json.loads((Path(chosen) / "trainer_state.json").read_text())
+            self.resumed = Resumed(step=state["step"], path=Path(chosen))
+        return self.resumed
+
+    def _resume_main(self) -> None:
         for partial in self.dir.glob(".tmp-*") if self.dir.is_dir() else []:
             _say(f"[yellow]removing partial checkpoint {escape(str(partial))}")
             shutil.rmtree(partial, ignore_errors=True)
@@ -170,7 +197,7 @@ class Checkpointer:
         for path in candidates:
             problem = verify(path) or self._load(path)
             if problem is None:
-                return self.resumed
+                return
             _say(f"[yellow]warning: skipping checkpoint {escape(str(path))}: {escape(problem)}")
         if candidates:
             _say(
@@ -178,7 +205,7 @@ class Checkpointer:
             )
         elif self.cfg.resume == "auto":
             _say(f"resume=auto: no checkpoint in {escape(str(self.dir))} yet; starting at step 0")
-        return self._fresh()
+        self._fresh()
 
     def _fresh(self) -> Resumed:
         for file in OUTPUT_FILES:
@@ -191,7 +218,7 @@ class Checkpointer:
         state = json.loads((path / "trainer_state.json").read_text())
         check_fixed_keys(state["config"], plain(self.cfg), path)
         try:
-            self.trainer.load_state(str(path / "state")).result()
+            self._restore_trainer(path)
         except pickle.UnpicklingError:
             # Not torch's message: it suggests weights_only=False, the wrong advice for a
             # file nobody vouches for.
@@ -202,11 +229,6 @@ class Checkpointer:
         except Exception as exc:  # garbage that still matched its checksum: as unreadable
             first = (str(exc).strip().splitlines() or [""])[0]
             return f"unreadable ({type(exc).__name__}: {first})"
-        set_torch_rng_states(load_file(path / "rng.safetensors"))
-        version, internal, gauss = state["python_rng"]
-        random.setstate((version, tuple(internal), gauss))
-        name, keys, pos, has_gauss, cached = state["numpy_rng"]
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
         for file in OUTPUT_FILES:
             saved, live = path / "outputs" / file, self.run_dir / file
             if saved.exists():
@@ -214,10 +236,27 @@ class Checkpointer:
             else:
                 live.unlink(missing_ok=True)
         warn_config_changes(state["config"], plain(self.cfg))
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.processes.world_size:
+            _say(
+                f"resuming a {saved_world}-process run with {self.processes.world_size}: the "
+                "problems and sampling seeds are the same; the gradient sums' order is not, so "
+                "the numbers match an uninterrupted run within rounding, not bit for bit"
+            )
         history = read_history(self.run_dir / OUTPUT_FILES[0], self.run_dir / OUTPUT_FILES[1])
         self.resumed = Resumed(step=state["step"], path=path, history=history)
         _say(f"resuming from {escape(str(path))} at RL step {state['step']}")
         return None
+
+    def _restore_trainer(self, path: Path) -> None:
+        """The trainer's weights and optimizer, and the RNG states, from checkpoint `path`."""
+        self.trainer.load_state(str(path / "state")).result()
+        state = json.loads((path / "trainer_state.json").read_text())
+        set_torch_rng_states(load_file(path / "rng.safetensors"))
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
     @property
     def resumed_from(self) -> dict | None:
@@ -294,7 +333,7 @@ def check_fixed_keys(saved: dict, current: dict, path: Path) -> None:
 
 def warn_config_changes(saved: dict, current: dict) -> list[str]:
     """Warn, naming the keys, when the config differs from the one the checkpoint was saved with."""
-    changed = config_changes(saved, current, lambda key: key not in NOT_HASHED)
+    changed = config_changes(saved, current, lambda key: key.split(".")[0] not in NOT_HASHED)
     if changed:
         details = ", ".join(changed)
         _say(
@@ -304,15 +343,22 @@ def warn_config_changes(saved: dict, current: dict) -> list[str]:
     return changed
 
 
-def resume_command(run_dir: Path) -> str:
-    """The command that continues the run in `run_dir` (from Hydra's record of the overrides)."""
+def resume_command(run_dir: Path, world_size: int = 1) -> str:
+    """The command that continues the run in `run_dir` (from Hydra's record of the overrides);
+    a run of several processes continues under the launcher (any number of processes)."""
     overrides_file = Path(run_dir) / ".hydra" / "overrides.yaml"
     tail = [f"hydra.run.dir={run_dir}", "resume=auto"]
+    start = ["python", "-m", "rlkit"]
+    if world_size > 1:
+        start = ["accelerate", "launch", "--num_processes", str(world_size), "-m", "rlkit"]
     if not overrides_file.exists():
-        return "python -m rlkit YOUR_OVERRIDES " + shlex.join(tail)
+        return shlex.join(start) + " YOUR_OVERRIDES " + shlex.join(tail)
     overrides = yaml.safe_load(overrides_file.read_text()) or []
     kept = [o for o in overrides if not o.startswith(("resume=", "hydra.run.dir="))]
-    return shlex.join(["python", "-m", "rlkit", *kept, *tail])
+    command = shlex.join([*start, *kept, *tail])
+    if world_size > 1:
+        command += "  (with the launcher options you started it with)"
+    return command
 
 
 # ---- RNG states -----------------------------------------------------------------------------------
@@ -372,8 +418,8 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fault_point(step: int) -> None:
-    if os.environ.get("RLKIT_FAULT") == f"kill-in-checkpoint:{step}":
+def _fault_point(name: str) -> None:
+    if os.environ.get("RLKIT_FAULT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -382,17 +428,23 @@ class _StopRequest:
     """Set by the first Ctrl-C / SIGTERM; a second one aborts at once."""
 
     requested: str | None = None
+    at: float = 0.0
 
 
 STOP = _StopRequest()
+# A repeat this soon after the first signal is the same request arriving twice: Ctrl-C reaches
+# a launcher and its processes at once, and the launcher then forwards its own copy.
+REPEAT_WINDOW_S = 5.0
 
 
 def _on_signal(signum, _frame) -> None:
     name = signal.Signals(signum).name
     if STOP.requested:
+        if time.monotonic() - STOP.at < REPEAT_WINDOW_S:
+            return
         signal.signal(signum, signal.SIG_DFL)
         raise KeyboardInterrupt(f"second {name}: stopping now, without a checkpoint")
-    STOP.requested = name
+    STOP.requested, STOP.at = name, time.monotonic()
     _say(
         f"[bold]{name}[/bold]: finishing the current step, then writing a checkpoint "
         "(send it again to stop at once)"

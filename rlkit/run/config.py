@@ -129,6 +129,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # Under a launcher (`accelerate launch`, torchrun): a collective that waits longer than this
+    # for another process fails the run, naming this rank. It bounds a hang (a peer stuck, a
+    # node gone); a peer that dies is noticed at once. It must exceed the longest gap between
+    # processes within a step (e.g. a slower process's sampling).
+    timeout_s: float = 1800.0
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -145,6 +154,8 @@ class RunConfig:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     determinism: DeterminismConfig = field(default_factory=DeterminismConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Several processes (data parallel), when a launcher starts them; ignored in one process.
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # never (a fresh run dir), or auto (continue from its newest complete checkpoint, if any).
     resume: Resume = Resume.never
     # Extra metric sinks (`_target_` of a logger class), or null.
@@ -207,7 +218,17 @@ NON_NEGATIVE = (
     "determinism.num_threads",
     "checkpoint.every",
 )
-TYPED_SECTIONS = ("model", "adapter", "loss", "optim", "warmup", "determinism", "checkpoint")
+POSITIVE = ("distributed.timeout_s",)
+TYPED_SECTIONS = (
+    "model",
+    "adapter",
+    "loss",
+    "optim",
+    "warmup",
+    "determinism",
+    "checkpoint",
+    "distributed",
+)
 DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -238,6 +259,9 @@ def validate(cfg: DictConfig) -> None:
     for key in NON_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
+    for key in POSITIVE:
+        if not OmegaConf.select(cfg, key) > 0:
+            raise ConfigError(f"{key} must be > 0, got {OmegaConf.select(cfg, key)}")
     for key in ("optim.beta1", "optim.beta2"):
         if not 0 <= OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}")

@@ -39,7 +39,7 @@ PACKAGES = ("torch", "transformers", "peft", "vllm", "tokenizers", "safetensors"
 # Manifest fields that differ between any two runs; `compare` does not list them.
 VOLATILE = ("started_at", "command")
 # Config keys that say how to start a run, not what it computes: left out of the config hash.
-NOT_HASHED = ("resume",)
+NOT_HASHED = ("resume", "distributed")
 
 
 def config_hash(config: dict) -> str:
@@ -118,7 +118,14 @@ def determinism_state(cfg, dtype) -> dict:
     }
 
 
-def build_manifest(cfg, device, dtype, engine: str, resumed_from: dict | None = None) -> dict:
+def build_manifest(
+    cfg,
+    device,
+    dtype,
+    engine: str,
+    resumed_from: dict | None = None,
+    processes: dict | None = None,
+) -> dict:
     import rlkit
     from rlkit.run.config import plain
 
@@ -131,6 +138,8 @@ def build_manifest(cfg, device, dtype, engine: str, resumed_from: dict | None = 
         "versions": package_versions(),
         "device": device_info(device, dtype),
         "engine": engine,
+        # World size, backend and launcher settings of a data-parallel run; one process: 1.
+        "processes": processes or {"world_size": 1},
         "determinism": determinism_state(cfg, dtype),
         "env": {name: os.environ.get(name) for name in KERNEL_ENV_VARS},
         "resumed_from": resumed_from,
@@ -147,11 +156,12 @@ def write_manifest(
     engine: str,
     resumed_from: dict | None = None,
     segment_start: int = 0,
+    processes: dict | None = None,
 ) -> Path:
     """`manifest.json`, the newest segment's, and `manifests/step_NNNNNN.json` for the segment
     that starts at RL step NNNNNN: a run resumed with another config or on another machine keeps
     the record of each of its parts (a fresh start clears earlier ones)."""
-    manifest = build_manifest(cfg, device, dtype, engine, resumed_from)
+    manifest = build_manifest(cfg, device, dtype, engine, resumed_from, processes)
     text = json.dumps(manifest, indent=2, sort_keys=True)
     segments = Path(run_dir) / "manifests"
     if segment_start == 0 and resumed_from is None:

@@ -33,6 +33,16 @@ PLOT_KEYS = (
 )
 
 
+class NullWriter:
+    """A MetricsWriter that writes nothing (a process that is not the run's main one)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class MetricsWriter:
     """Appends one JSON line per record and flushes it, so a crash loses nothing written.
 
@@ -117,7 +127,8 @@ def finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def progress_bar() -> Progress:
+def progress_bar(show: bool = True) -> Progress:
+    """A progress display; `show=False` (a process other than a run's main one) shows nothing."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -126,6 +137,7 @@ def progress_bar() -> Progress:
         TextColumn("{task.fields[status]}"),
         console=console,
         transient=False,
+        disable=not show,
     )
 
 

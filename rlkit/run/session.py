@@ -5,6 +5,9 @@ training client through the client API, restores a checkpoint (`resume=auto`), a
 manifest and config; `steps()` hands out the RL steps still to run, checkpointing when due;
 `log` writes one step's metrics everywhere they go; `finish` saves the adapter, the plot and the
 summary. Used as a context manager, it closes every output on the way out, crash or not.
+
+With several processes (a launcher's), every process opens a session; only the main one writes
+outputs, the manifest and checkpoints, and shows progress. The others log nothing.
 """
 
 from __future__ import annotations
@@ -19,11 +22,19 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress, TaskID
 
 import rlkit
+import rlkit.client
 from rlkit.run import seeds
 from rlkit.run.checkpoint import Checkpointer, Resumed, take
 from rlkit.run.config import adapter_args, as_callable, engine_args, plain
 from rlkit.run.manifest import write_manifest
-from rlkit.run.outputs import MetricsWriter, console, finite, plot_curves, progress_bar
+from rlkit.run.outputs import (
+    MetricsWriter,
+    NullWriter,
+    console,
+    finite,
+    plot_curves,
+    progress_bar,
+)
 
 
 @dataclass
@@ -36,6 +47,8 @@ class Session:
     samples_out: MetricsWriter
     # Extra metric sinks (logger=wandb, ...).
     sinks: list[Any]
+    # This process's rank among the run's processes (rank 0 of 1 without a launcher).
+    processes: rlkit.client.Processes
     # Every RL step's metrics so far (a resumed run's included), for the plot and the summary.
     history: list[dict] = field(default_factory=list)
     _progress: Progress | None = None
@@ -44,11 +57,14 @@ class Session:
     @classmethod
     def open(cls, cfg: DictConfig, run_dir: Path) -> Session:
         run_dir = Path(run_dir)
+        processes = rlkit.client.processes(cfg.distributed.timeout_s)
+        main = processes.is_main
         run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoints = Checkpointer(run_dir, cfg)  # refuses a used run dir unless resume=auto
+        # Refuses a used run dir unless resume=auto.
+        checkpoints = Checkpointer(run_dir, cfg, processes)
         seeds.apply_determinism(cfg)  # before any model or engine starts
         sinks = []
-        if cfg.logger:
+        if cfg.logger and main:
             runtime = {"run_dir": str(run_dir), "run_config": plain(cfg)}
             sinks.append(as_callable(cfg.logger, "logger", runtime=runtime))
         service = rlkit.ServiceClient(
@@ -61,24 +77,29 @@ class Session:
             cfg.model.base_model, seed=cfg.seed, **adapter_args(cfg.adapter)
         )
         resumed = checkpoints.resume(trainer)  # weights, optimizer, RNGs, outputs so far
-        write_manifest(
-            run_dir,
-            cfg,
-            service.device,
-            service.dtype,
-            service.engine.name,
-            checkpoints.resumed_from,
-            segment_start=resumed.step,
-        )
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if main:
+            write_manifest(
+                run_dir,
+                cfg,
+                service.device,
+                service.dtype,
+                service.engine.name,
+                checkpoints.resumed_from,
+                segment_start=resumed.step,
+                processes=rlkit.client.launcher_info(),
+            )
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         return cls(
             cfg,
             run_dir,
             trainer,
             checkpoints,
-            MetricsWriter(run_dir / "metrics.jsonl", timings=run_dir / "timings.jsonl"),
-            MetricsWriter(run_dir / "samples.jsonl"),
+            MetricsWriter(run_dir / "metrics.jsonl", timings=run_dir / "timings.jsonl")
+            if main
+            else NullWriter(),
+            MetricsWriter(run_dir / "samples.jsonl") if main else NullWriter(),
             sinks,
+            processes,
             history=resumed.history,
         )
 
@@ -94,11 +115,12 @@ class Session:
     def steps(self) -> Iterator[int]:
         """The RL steps still to run, from the resumed one. Before each step, and after the
         last, a checkpoint is written when due; after Ctrl-C / SIGTERM the steps end there."""
-        self._progress = progress_bar()
-        self._progress.start()
-        self._task = self._progress.add_task(
-            "RL", total=self.cfg.steps, completed=self.resumed.step, status=""
-        )
+        if self.processes.is_main:
+            self._progress = progress_bar()
+            self._progress.start()
+            self._task = self._progress.add_task(
+                "RL", total=self.cfg.steps, completed=self.resumed.step, status=""
+            )
         for step in range(self.resumed.step, self.cfg.steps):
             if self.checkpoints.reached(step):
                 return
@@ -106,7 +128,10 @@ class Session:
         self.checkpoints.reached(self.cfg.steps)
 
     def log(self, metrics: dict[str, Any]) -> None:
-        """One step's metrics: history, metrics.jsonl (+ timings.jsonl), sinks, progress bar."""
+        """One step's metrics: history, metrics.jsonl (+ timings.jsonl), sinks, progress bar
+        (the main process's; the others' `log` does nothing)."""
+        if not self.processes.is_main:
+            return
         self.history.append(metrics)
         self.metrics_out.write(metrics)
         for sink in self.sinks:
@@ -120,8 +145,11 @@ class Session:
             self.samples_out.write(record)
 
     def finish(self) -> dict[str, float]:
-        """After the last step: the adapter, the plot and summary.json; returns the summary."""
+        """After the last step: the adapter, the plot and summary.json; returns the summary (the
+        main process's; an empty one on the others)."""
         self._stop_progress()
+        if not self.processes.is_main:
+            return {}
         adapter = self.trainer.save_weights_for_sampler("final").result().path
         take(adapter, self.run_dir / "adapter", self.checkpoints.dir)
         plot_curves(self.history, self.run_dir / "curves.png", title=str(self.run_dir.name))
