@@ -13,6 +13,7 @@ groups over 2 processes: uneven shares on purpose). What is checked:
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -159,17 +160,18 @@ def test_two_processes_repeat_bitwise_and_match_one_process_within_tolerance(tmp
 
 def test_a_killed_rank_fails_the_run_and_resume_completes_it_bitwise(tmp_path, cache, two):
     run_dir = tmp_path / "run"
-    start = time.monotonic()
     done = run(2, run_dir, cache, RLKIT_FAULT="kill-rank:1:step:3")
-    took = time.monotonic() - start
+    ended = time.time()
     assert done.returncode != 0
     out = done.stdout + done.stderr
+    killed_at = float(re.search(r"kill-rank:1:step:3: SIGKILL at ([\d.]+)", out).group(1))
     # The launcher names the rank that died first; the survivor says what failed.
     assert "rank      : 1 (local_rank: 1)" in out and "SIGKILL" in out, out[-3000:]
     assert "rank 0 of 2: the stop flag across processes failed" in out, out[-3000:]
-    # Bounded: the survivor's next collective fails at once (measured: about 15 s in all,
-    # start-up included); the launcher's shutdown timeout (30 s) is the outer bound.
-    assert took < 120
+    # Bounded: the survivor's next exchange fails at once (measured: the launcher was done
+    # 2.4 s after the kill, on a busy machine); the launcher's shutdown timeout (30 s) bounds it.
+    print(f"run down {ended - killed_at:.2f} s after the SIGKILL")
+    assert ended - killed_at < 40
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
 
     ok(run(2, run_dir, cache, "resume=auto"))

@@ -41,6 +41,7 @@ import random
 import shlex
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -420,6 +421,7 @@ def _fsync(path: Path) -> None:
 
 def _fault_point(name: str) -> None:
     if os.environ.get("RLKIT_FAULT") == name:
+        print(f"RLKIT_FAULT {name}: SIGKILL at {time.time():.3f}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
