@@ -6,7 +6,8 @@ groups over 2 processes: uneven shares on purpose). What is checked:
 - a 2-process run and the 1-process run agree within the stated tolerance (rollouts identical,
   numbers within rounding: the gradient sum's order differs), and only the main process wrote;
 - a SIGKILLed rank fails the run promptly, the launcher names it, and `resume=auto` completes
-  the run bitwise as if nothing had happened;
+  the run bitwise as if nothing had happened; a reward that raises in one process fails the
+  run, naming that rank;
 - SIGTERM to the launcher: every process stops after the same step, one checkpoint, exit 0 of
   every process; resuming it with 1 process instead of 2 completes it within the tolerance.
 """
@@ -212,3 +213,25 @@ def test_sigterm_to_the_launcher_stops_every_process_after_one_step_and_resumes_
     ok(done)
     assert "resuming a 2-process run with 1" in done.stdout + done.stderr
     within_tolerance(two, run_dir)
+
+
+def test_a_reward_that_raises_in_one_process_fails_the_run_naming_that_rank(tmp_path, cache):
+    plugin = tmp_path / "rank_reward.py"
+    plugin.write_text(
+        "import os\n\n\n"
+        "def explode_on_rank_1(completions, problem):\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        raise ValueError('this reward fails on rank 1')\n"
+        "    return [0.0] * len(completions)\n"
+    )
+    done = run(
+        2,
+        tmp_path / "run",
+        cache,
+        "+reward.boom._target_=rank_reward.explode_on_rank_1",
+        PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "error: rank 1: " in out and "this reward fails on rank 1" in out, out[-3000:]
+    assert "rank      : 1 (local_rank: 1)" in out, out[-3000:]
