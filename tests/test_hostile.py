@@ -210,7 +210,7 @@ def test_a_users_error_is_one_line_a_bug_keeps_its_traceback(tmp_path):
 
     bug = cli(tmp_path, *FAST, "env._target_=mine.BrokenEnv", env=env)
     assert bug.returncode == 1 and "Traceback" in bug.stderr, bug.stderr
-    assert "TypeError: 'int' object is not iterable" in bug.stderr
+    assert "TypeError: object of type 'int' has no len()" in bug.stderr
 
 
 def test_an_unreachable_hub_fails_at_once_with_one_message(monkeypatch):
