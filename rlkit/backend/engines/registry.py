@@ -18,6 +18,7 @@ from rlkit.backend import models
 ENGINES = {
     "hf": "rlkit.backend.engines.hf.HFEngine",
     "vllm": "rlkit.backend.engines.vllm.VLLMEngine",
+    "vllm_server": "rlkit.backend.engines.vllm_server.VLLMServerEngine",
 }
 # Options every engine takes (the learner reads them; the engine never sees them).
 COMMON_OPTIONS = ("probe_tolerance",)
