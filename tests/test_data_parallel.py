@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_for_lines
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # starts launchers and their processes
@@ -190,12 +191,7 @@ def test_sigterm_to_the_launcher_stops_every_process_after_one_step_and_resumes_
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and launcher.poll() is None:
-        log = run_dir / "metrics.jsonl"
-        if log.exists() and len(log.read_text().splitlines()) >= 2:  # warm start + step 0
-            break
-        time.sleep(0.2)
+    wait_for_lines(run_dir / "metrics.jsonl", 2, launcher)  # the warm start's row and step 0's
     launcher.send_signal(signal.SIGTERM)
     out, _ = launcher.communicate(timeout=120)
     # torch's elastic agent ends with its own SignalException (exit 1) after forwarding the

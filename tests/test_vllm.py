@@ -8,10 +8,9 @@ Without vLLM installed these tests skip, unless RLKIT_REQUIRE_VLLM=1 (set by `ma
 cannot pass by skipping them).
 """
 
-import os
-
 import pytest
 import torch
+from conftest import skip_module_without_vllm
 
 from rlkit.api import types
 from rlkit.backend.engines import vllm as vllm_engine
@@ -20,10 +19,7 @@ from rlkit.backend.engines.probe import StaleAdapterError
 # Subprocess runs, end-to-end training or vLLM: not in `make test-fast`.
 pytestmark = pytest.mark.slow
 
-if not vllm_engine.available():
-    if os.environ.get("RLKIT_REQUIRE_VLLM") == "1":
-        raise RuntimeError("RLKIT_REQUIRE_VLLM=1 but vllm is not importable")
-    pytest.skip("vllm is not installed (pip install 'rlkit[cpu]')", allow_module_level=True)
+skip_module_without_vllm()
 
 MODEL, RANK = "rlkit-small", 8
 # Measured: |engine - trainer| logprob <= 1e-5 in float32 on CPU; 1e-4 leaves room for kernels.

@@ -16,18 +16,15 @@ import time
 import urllib.request
 
 import pytest
+from conftest import skip_module_without_vllm, wait_for_lines
 
 from rlkit.api import types
-from rlkit.backend.engines import vllm as vllm_engine
 from rlkit.backend.engines.probe import StaleAdapterError
 from rlkit.backend.engines.vllm_server import ServerError, VLLMServerEngine
 
 pytestmark = pytest.mark.slow  # starts a vLLM server
 
-if not vllm_engine.available():
-    if os.environ.get("RLKIT_REQUIRE_VLLM") == "1":
-        raise RuntimeError("RLKIT_REQUIRE_VLLM=1 but vllm is not importable")
-    pytest.skip("vllm is not installed (pip install 'rlkit[cpu]')", allow_module_level=True)
+skip_module_without_vllm()
 
 MODEL, RANK = "rlkit-small", 8
 # Measured on CPU in float32: probe mismatch ~2e-7, sampled-token logprob gap <= 5e-7.
@@ -194,12 +191,7 @@ def test_a_run_on_the_server_then_the_server_dies_mid_run(server, tmp_path, cach
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and run.poll() is None:
-        log = run_dir / "metrics.jsonl"
-        if log.exists() and len(log.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
+    wait_for_lines(run_dir / "metrics.jsonl", 1, run)  # its first step is logged
     os.killpg(process.pid, signal.SIGKILL)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 1, err[-3000:]
