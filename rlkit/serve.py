@@ -17,15 +17,21 @@ import os
 import sys
 
 import torch
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
+from rlkit.api.errors import RlkitError
 from rlkit.backend import models
 from rlkit.backend.engines.vllm import lora_rank_limit
 from rlkit.run import config
 
 
 def vllm_command(overrides: list[str], vllm_flags: list[str]) -> list[str]:
-    config.register()
-    cfg = config.compose(overrides)
+    try:  # the run's config, checked as a run checks it: an error names the key
+        cfg = config.compose(overrides)
+        config.validate(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise config.ConfigError(str(exc).strip()) from None
     dtype = str(cfg.model.dtype)
     gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
     if dtype == "auto":
@@ -61,7 +67,12 @@ def main(argv: list[str]) -> None:
     if "--" in argv:
         cut = argv.index("--")
         overrides, vllm_flags = argv[:cut], argv[cut + 1 :]
-    command = vllm_command(overrides, vllm_flags)
+    try:
+        command = vllm_command(overrides, vllm_flags)
+    except config.ConfigError as exc:
+        raise SystemExit(f"config error: {exc}") from None
+    except RlkitError as exc:  # a model that cannot be found, a rank vLLM cannot serve
+        raise SystemExit(f"error: {exc}") from None
     host = command[command.index("--host") + 1]
     port = command[command.index("--port") + 1]
     print(
