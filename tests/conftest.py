@@ -50,3 +50,12 @@ def wait_for_lines(path, lines: int, process, timeout: float = 240.0) -> None:
         if path.exists() and len(path.read_text().splitlines()) >= lines:
             return
         time.sleep(0.2)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now, on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import wait_for_lines
+from conftest import free_port, wait_for_lines
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # starts launchers and their processes
@@ -58,12 +57,6 @@ NOISE = ("train/logprob_mismatch", "train/kl_sampler_trainer", "sync/probe")
 NOISE_ATOL = 1e-5
 # The loss: a sum over ~100 tokens of ratio x advantage, whose terms nearly cancel.
 LOSS_REL, LOSS_ATOL = 1e-4, 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(processes: int, run_dir: Path, *extra: str) -> list[str]:

@@ -9,14 +9,13 @@ Without vLLM installed these tests skip, unless RLKIT_REQUIRE_VLLM=1 (set by `ma
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
-from conftest import skip_module_without_vllm, wait_for_lines
+from conftest import free_port, skip_module_without_vllm, wait_for_lines
 
 from rlkit.api import types
 from rlkit.backend.engines.probe import StaleAdapterError
@@ -29,12 +28,6 @@ skip_module_without_vllm()
 MODEL, RANK = "rlkit-small", 8
 # Measured on CPU in float32: probe mismatch ~2e-7, sampled-token logprob gap <= 5e-7.
 TOLERANCE = 1e-4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -145,21 +145,13 @@ def join(timeout_s: float | None = None) -> Processes:
         return _CURRENT
     timeout = timedelta(seconds=timeout_s) if timeout_s else None
     if not dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        kwargs = {"timeout": timeout} if timeout else {}
-        dist.init_process_group(backend, **kwargs)
-        _CURRENT = Processes(
-            dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD, timeout_s
-        )
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+        _CURRENT = replace(current(), timeout_s=timeout_s)
     elif timeout is not None:
-        group = dist.new_group(timeout=timeout)
-        current()  # rank and size, when the group was made outside join()
-        _CURRENT = Processes(
-            _CURRENT.rank, _CURRENT.world_size, _CURRENT.local_rank, group, timeout_s
-        )
+        _CURRENT = replace(current(), group=dist.new_group(timeout=timeout), timeout_s=timeout_s)
     return _CURRENT
 
 

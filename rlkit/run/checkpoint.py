@@ -183,8 +183,7 @@ class Checkpointer:
             self._resume_main()
         chosen = self.processes.broadcast(self.resumed.path, "checkpoint choice")
         if not self.processes.is_main and chosen is not None:
-            self._restore_trainer(Path(chosen))
-            state = json.loads((Path(chosen) / "trainer_state.json").read_text())
+            state = self._restore_trainer(Path(chosen))
             self.resumed = Resumed(step=state["step"], path=Path(chosen))
         return self.resumed
 
@@ -249,8 +248,9 @@ class Checkpointer:
         _say(f"resuming from {escape(str(path))} at RL step {state['step']}")
         return None
 
-    def _restore_trainer(self, path: Path) -> None:
-        """The trainer's weights and optimizer, and the RNG states, from checkpoint `path`."""
+    def _restore_trainer(self, path: Path) -> dict:
+        """The trainer's weights and optimizer, and the RNG states, from checkpoint `path`;
+        returns its trainer_state.json."""
         self.trainer.load_state(str(path / "state")).result()
         state = json.loads((path / "trainer_state.json").read_text())
         set_torch_rng_states(load_file(path / "rng.safetensors"))
@@ -258,6 +258,7 @@ class Checkpointer:
         random.setstate((version, tuple(internal), gauss))
         name, keys, pos, has_gauss, cached = state["numpy_rng"]
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        return state
 
     @property
     def resumed_from(self) -> dict | None:

@@ -131,12 +131,12 @@ class VLLMServerEngine:
     def _check_base_model(self, base_model: str) -> None:
         listing = self._call("/v1/models", None, "listing its models")
         served = [m for m in listing.get("data", []) if not m.get("parent")]
-        expected = {base_model, models.resolve(base_model)}
-        if not any({m.get("id"), m.get("root")} & expected for m in served):
+        path = models.resolve(base_model)
+        if not any({m.get("id"), m.get("root")} & {base_model, path} for m in served):
             found = ", ".join(str(m.get("root") or m.get("id")) for m in served) or "nothing"
             raise ServerError(
                 f"engine=vllm_server: the server at {self.url} serves {found}, not this run's "
-                f"base model {base_model!r} ({models.resolve(base_model)}): start it with "
+                f"base model {base_model!r} ({path}): start it with "
                 "`python -m rlkit.serve` and the run's model=..."
             )
 
