@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from rlkit.api.adapter import AdapterSpec
+from rlkit.api.quant import QuantSpec
 from rlkit.api.types import (
     AdamParams,
     Datum,
@@ -212,13 +213,14 @@ class ServiceClient:
         self.dtype = _dtype(dtype, self.device)
         self.checkpoint_dir = Path(checkpoint_dir or models.cache_dir() / "checkpoints")
 
-    def _learner(self, base_model: str, spec: AdapterSpec) -> Learner:
+    def _learner(self, base_model: str, spec: AdapterSpec, quant: QuantSpec | None = None):
         return Learner(
             base_model,
             spec,
             dtype=self.dtype,
             device=self.device,
             engine=self.engine,
+            quant=quant,
         )
 
     def create_lora_training_client(
@@ -232,8 +234,16 @@ class ServiceClient:
         *,
         lora_alpha: float = 32.0,
         use_dora: bool = False,
+        quantize: str = "none",
+        quant_compute_dtype: str = "auto",
+        double_quant: bool = True,
         **_hosted_only: Any,
     ) -> TrainingClient:
+        """A LoRA (`use_dora`: DoRA) adapter on `base_model`. `quantize` (`nf4`, `fp4`, `int8`)
+        stores the frozen base in 4 or 8 bits with bitsandbytes (QLoRA, QDoRA); samplers then
+        serve the quantized base plus the unmerged adapter, the policy being trained.
+        `quant_compute_dtype` and `double_quant`: see rlkit.api.quant.QuantSpec."""
+        quant = QuantSpec(quantize, quant_compute_dtype, double_quant)
         spec = AdapterSpec(
             rank=rank,
             alpha=lora_alpha,
@@ -243,7 +253,7 @@ class ServiceClient:
             use_dora=use_dora,
             seed=0 if seed is None else seed,
         )
-        return TrainingClient(self, self._learner(base_model, spec))
+        return TrainingClient(self, self._learner(base_model, spec, quant))
 
     async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:
         return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
@@ -261,8 +271,10 @@ class ServiceClient:
             raise ValueError(
                 f"checkpoint {path} is for base_model {state['base_model']!r}, not {base_model!r}"
             )
+        # The base the adapter was trained on (checkpoints from before quantization: none).
+        quant = QuantSpec(**state.get("quant", {}))
         client = TrainingClient(
-            self, self._learner(state["base_model"], AdapterSpec(**state["adapter"]))
+            self, self._learner(state["base_model"], AdapterSpec(**state["adapter"]), quant)
         )
         client.load_state(path, with_optimizer=with_optimizer).result()
         return client

@@ -19,9 +19,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture
 def service(tmp_path):
+    """A float32 client on the CPU, or on RLKIT_TEST_DEVICE (e.g. cuda, for a check on a GPU
+    machine: CI has none)."""
     import rlkit
 
-    return rlkit.ServiceClient(device="cpu", checkpoint_dir=tmp_path / "checkpoints")
+    device = os.environ.get("RLKIT_TEST_DEVICE", "cpu")
+    return rlkit.ServiceClient(
+        device=device, dtype="float32", checkpoint_dir=tmp_path / "checkpoints"
+    )
 
 
 @pytest.fixture

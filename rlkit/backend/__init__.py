@@ -3,3 +3,10 @@
 
 Never imports `rlkit.rl`, `rlkit.run` or `rlkit.client`: callers reach it through the client.
 """
+
+import logging
+
+# peft and transformers import bitsandbytes whenever it is installed. Its CPU backend then warns
+# that a hub kernel for its bfloat16 inference path is missing: rlkit turns that path off
+# (rlkit.backend.models.load_model), and nothing is downloaded at run time.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from rlkit.api.adapter import AdapterSpec
 from rlkit.api.errors import NoGradientsError, RlkitError
 from rlkit.api.losses import get_loss
+from rlkit.api.quant import QuantizationUnavailable, QuantSpec, check_available
 from rlkit.api.types import (
     AdamParams,
     ForwardBackwardOutput,
@@ -36,6 +38,7 @@ from rlkit.backend.engines.registry import EngineSettings
 
 STATE_FILE = "rlkit_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
@@ -51,16 +54,22 @@ class Learner:
         device: str | torch.device | None = None,
         tokens_per_microbatch: int = 8192,
         engine: EngineSettings | None = None,
+        quant: QuantSpec | None = None,
     ) -> None:
         self.base_model = base_model
         self.spec = spec
+        self.quant = quant or QuantSpec()
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype
         self.tokens_per_microbatch = tokens_per_microbatch
+        try:
+            check_available(self.quant, self.device.type, spec.use_dora)
+        except QuantizationUnavailable as exc:
+            raise RlkitError(f"quantize={self.quant.method!r} ({exc.key}): {exc}") from None
         self.tokenizer = models.load_tokenizer(base_model)  # cheap: fails fast on a bad name
-        self.engine = engine or EngineSettings.parse()
+        self.engine = _engine_for(engine or EngineSettings.parse(), self.quant)
         self.engine.check(base_model, self.device, spec)  # before any weights load
-        base = models.load_model(base_model, dtype=dtype, device=self.device)
+        base = models.load_model(base_model, dtype=dtype, device=self.device, quant=self.quant)
         self.model = adapters.attach(base, spec)
         self.params = adapters.trainable_parameters(self.model)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
@@ -215,6 +224,8 @@ class Learner:
             state = {
                 "base_model": self.base_model,
                 "adapter": self.spec.to_dict(),
+                # The base the adapter was trained on; the adapter itself loads on any of them.
+                "quant": self.quant.to_dict(),
                 "step": self.step,
             }
             (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -249,6 +260,26 @@ class Learner:
         self.step = state["step"]
         self.optimizer.zero_grad(set_to_none=True)
         self.pending_datums = 0
+
+
+def _engine_for(settings: EngineSettings, quant: QuantSpec) -> EngineSettings:
+    """`settings`, or the hf engine for a quantized base when the engine cannot serve one.
+
+    Serving the policy being trained means the quantized base plus the unmerged adapter. An
+    engine says it can with `serves_quantized = True`; vLLM cannot here (its CPU build has no
+    bitsandbytes path, and on GPU it quantizes the base itself, with its own settings, and
+    cannot serve DoRA), nor can a vLLM server, which serves its own base."""
+    if not quant.enabled or getattr(settings.engine, "serves_quantized", False):
+        return settings
+    from rlkit.backend.engines.hf import HFEngine
+
+    log.warning(
+        "engine=%s cannot serve a quantized base (quantize=%s) exactly: sampling with engine=hf "
+        "(the quantized base and the unmerged adapter, as trained) instead",
+        settings.name,
+        quant.method,
+    )
+    return EngineSettings(HFEngine, HFEngine.Options(), settings.probe_tolerance)
 
 
 def read_state(path: Path) -> dict:

@@ -8,9 +8,11 @@ checksum of every file; a cache entry whose checksums do not match is rebuilt, n
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +35,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from rlkit.api.errors import ModelNotFoundError, RlkitError
+from rlkit.api.quant import QuantSpec
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # The Qwen chat format: one `<|im_start|>role\n...<|im_end|>\n` block per message.
@@ -237,21 +240,103 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    quant: QuantSpec | None = None,
 ) -> PreTrainedModel:
+    """The base model, in `dtype` on `device`; with `quant`, its linear layers (but the output
+    layer) are quantized by bitsandbytes as they load."""
     source = resolve(base_model)
     quiet = base_model in BUILTIN_MODELS and hf_logging.is_progress_bar_enabled()
     if quiet:  # a bar for loading a tiny local model is noise
         hf_logging.disable_progress_bar()
+    quantized = quant is not None and quant.enabled
+    extra = (
+        {"quantization_config": bnb_config(quant, dtype), "device_map": {"": str(device)}}
+        if quantized
+        else {}
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=trust_remote_code
+            source, dtype=dtype, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(_not_found_message(base_model, exc)) from exc
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
-    return model.to(device)
+    if not quantized:
+        return model.to(device)
+    _own_memory(model)
+    if torch.device(device).type == "cpu":
+        _return_large_blocks()
+    for module in model.modules():
+        # bitsandbytes' CPU backend repacks a 4-bit layer's weights in place for a bfloat16
+        # kernel the first time it runs in eval mode without gradients: sampling would then
+        # compute in another precision than training, and the trainer's own weights would
+        # change format. Every forward pass takes the training path instead.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _own_memory(model: PreTrainedModel) -> None:
+    """Copies the tensors a quantized load left as views of the memory-mapped checkpoint
+    (embeddings, norms, the output layer) into memory of their own. While any view lives, the
+    whole full-precision checkpoint stays mapped, and every page the quantizer read stays in
+    the process's resident memory (measured: 0.9 GiB of file pages next to 0.1 GiB of 4-bit
+    weights for a 0.2B model)."""
+    import bitsandbytes as bnb
+
+    quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+    with torch.no_grad():
+        for module in model.modules():
+            for tensor in [*module._parameters.values(), *module._buffers.values()]:
+                if tensor is not None and not isinstance(tensor, quantized):
+                    tensor.data = tensor.data.clone()
+    import gc
+
+    gc.collect()
+
+
+def _return_large_blocks() -> None:
+    """On glibc: blocks of 1 MiB or more are mapped for each allocation and unmapped when freed.
+
+    A quantized layer dequantizes its weight into a fresh full-precision tensor at each forward
+    and backward pass. glibc's default raises its mapping threshold after the first such block
+    is freed, so that later ones come from the heap and stay with the process once freed: the
+    resident memory then grows by about the full-precision model's size, the saving quantization
+    is for (measured, 0.2B model, nf4, float32: peak 1.45 GiB with the default, 1.12 with this).
+    Process-wide; the environment's MALLOC_MMAP_THRESHOLD_, if set, is left as it is."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def bnb_config(quant: QuantSpec, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for `quant`. Not peft's prepare_model_for_kbit_training:
+    it would cast the norms to float32 and turn on gradient checkpointing, changing the numbers
+    of a bfloat16 run behind the config's back; the model stays as configured instead."""
+    from transformers import BitsAndBytesConfig
+
+    # Noise: a warning at every int8 forward pass that it computes in float16 (LLM.int8 always
+    # does; see README).
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    if quant.method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if quant.compute_dtype == "auto" else getattr(torch, quant.compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.method,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
 
 
 def _not_found_message(base_model: str, exc: Exception) -> str:

@@ -308,8 +308,15 @@ def verify(path: Path) -> str | None:
     return None
 
 
-# Keys a resumed run cannot change: the checkpoint's adapter only fits the same base and shape.
-FIXED_ON_RESUME = ("model.base_model", "adapter.")
+# Keys a resumed run cannot change: the checkpoint's adapter only fits the same base and shape,
+# and was trained on that base's quantization.
+FIXED_ON_RESUME = (
+    "model.base_model",
+    "model.quantize",
+    "model.quant_compute_dtype",
+    "model.double_quant",
+    "adapter.",
+)
 
 
 def config_changes(saved: dict, current: dict, keep=lambda key: True) -> list[str]:

@@ -23,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rlkit.api.adapter import AdapterSpec
 from rlkit.api.errors import RlkitError
+from rlkit.api.quant import QuantizationUnavailable, QuantSpec, check_available
 from rlkit.api.typecheck import matches, type_name
 from rlkit.api.types import AdamParams
 
@@ -37,6 +38,13 @@ class DType(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
+
+
+class Quantize(StrEnum):
+    none = "none"  # full-precision base: LoRA, DoRA
+    nf4 = "nf4"  # 4-bit NormalFloat (bitsandbytes): QLoRA, QDoRA
+    fp4 = "fp4"  # 4-bit float (bitsandbytes)
+    int8 = "int8"  # 8-bit LLM.int8 (bitsandbytes); LoRA only
 
 
 class Schedule(StrEnum):
@@ -62,6 +70,12 @@ class ModelConfig:
     dtype: DType = DType.auto
     # cpu, cuda, cuda:N, mps, or auto.
     device: str = "auto"
+    # Frozen base weights: none (full precision), nf4 / fp4 (4-bit), int8 (bitsandbytes).
+    quantize: Quantize = Quantize.none
+    # dtype a 4-bit layer computes in: auto (= model.dtype), float32, bfloat16, float16.
+    quant_compute_dtype: DType = DType.auto
+    # 4-bit only: also quantize the per-block scales (~0.4 bits per weight saved).
+    double_quant: bool = True
 
 
 def derived(cls: type, name: str, rename: dict | None = None, drop=(), extra=()) -> type:
@@ -268,6 +282,7 @@ def validate(cfg: DictConfig) -> None:
     if any(not text for text in cfg.stop):
         raise ConfigError(f"stop must be a list of non-empty strings, got {list(cfg.stop)}")
     _validate_device(cfg.model.device)
+    _validate_quant(cfg)
     if cfg.group_size < 2:
         raise ConfigError(
             f"group_size must be >= 2, got {cfg.group_size}: advantages compare a group's "
@@ -309,6 +324,45 @@ def _validate_device(device: str) -> None:
             )
     if device == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("model.device=mps, but this machine has no MPS device: use cpu or auto")
+
+
+def quant_args(model: DictConfig) -> dict[str, Any]:
+    """`model.quantize`, `model.quant_compute_dtype`, `model.double_quant` as keyword arguments
+    of create_lora_training_client."""
+    return {
+        "quantize": str(model.quantize),
+        "quant_compute_dtype": str(model.quant_compute_dtype),
+        "double_quant": bool(model.double_quant),
+    }
+
+
+# QuantizationUnavailable.key -> the run config's key.
+QUANT_KEYS = {
+    "quantize": "model.quantize",
+    "device": "model.device",
+    "use_dora": "adapter.use_dora",
+    "compute_dtype": "model.quant_compute_dtype",
+}
+
+
+def _validate_quant(cfg: DictConfig) -> None:
+    """A quantized base that cannot run here fails now, naming the key and the reason."""
+    args = quant_args(cfg.model)
+    quant = QuantSpec(args["quantize"], args["quant_compute_dtype"], args["double_quant"])
+    if not quant.enabled:
+        return
+    device = cfg.model.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        check_available(quant, device.partition(":")[0], cfg.adapter.use_dora)
+    except QuantizationUnavailable as exc:
+        key = QUANT_KEYS[exc.key]
+        value = OmegaConf.select(cfg, key)
+        value = str(value).lower() if isinstance(value, bool) else value
+        raise ConfigError(f"{key}={value} with model.quantize={quant.method}: {exc}") from None
 
 
 def engine_args(engine: DictConfig) -> dict[str, Any]:

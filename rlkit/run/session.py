@@ -25,7 +25,7 @@ import rlkit
 import rlkit.client
 from rlkit.run import seeds
 from rlkit.run.checkpoint import Checkpointer, Resumed, take
-from rlkit.run.config import adapter_args, as_callable, engine_args, plain
+from rlkit.run.config import adapter_args, as_callable, engine_args, plain, quant_args
 from rlkit.run.manifest import write_manifest
 from rlkit.run.outputs import (
     MetricsWriter,
@@ -74,7 +74,10 @@ class Session:
             **engine_args(cfg.engine),
         )
         trainer = service.create_lora_training_client(
-            cfg.model.base_model, seed=cfg.seed, **adapter_args(cfg.adapter)
+            cfg.model.base_model,
+            seed=cfg.seed,
+            **adapter_args(cfg.adapter),
+            **quant_args(cfg.model),
         )
         resumed = checkpoints.resume(trainer)  # weights, optimizer, RNGs, outputs so far
         if main:

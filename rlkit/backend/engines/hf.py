@@ -5,6 +5,15 @@ as the bare base model (a peft adapter on every layer costs several times that o
 models), and the training model is never touched. The copy doubles the model's memory; the
 vLLM engine is the choice for models where that matters.
 
+A quantized base (QLoRA, QDoRA) is the exception: merging an adapter into 4-bit or 8-bit
+weights rounds it away, and the sampler would serve another policy than the one trained. There
+the copy shares the training model's frozen (quantized) weights, holds its own adapter tensors
+and keeps them unmerged: the forward pass is the trainer's own, at the cost of the adapter's
+extra matmuls in every layer. An unmerged DoRA layer's per-channel scale, magnitude over the
+norm of the (dequantized) weight plus the update, is computed once per snapshot instead of at
+every decoded token (peft recomputes it at each forward pass; the trainer needs that, the
+frozen sampler does not). Same functions, same inputs: the same bits.
+
 Logprobs are the model's raw log-probabilities of each sampled token (temperature 1, before
 top-k/top-p), the same quantity the trainer computes, so the two can be compared directly.
 """
@@ -12,10 +21,13 @@ top-k/top-p), the same quantity the trainer computes, so the two can be compared
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.dora import DoraLinearLayer
+from peft.utils.integrations import dequantize_module_weight
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from rlkit.api.types import SampledSequence, SamplingParams
@@ -23,10 +35,15 @@ from rlkit.backend.engines.base import Request, repeat_greedy, stop_criteria
 
 
 class SamplingModel:
-    """A frozen copy of a peft model that serves one adapter snapshot at a time, merged."""
+    """A frozen copy of a peft model that serves one adapter snapshot at a time, merged into
+    its weights, or (`merge=False`) unmerged on the training model's own frozen weights."""
 
-    def __init__(self, peft_model) -> None:
-        self.model = copy.deepcopy(peft_model).eval()
+    def __init__(self, peft_model, merge: bool = True) -> None:
+        self.merge = merge
+        # Unmerged, the frozen weights are never written: share them (deepcopy's memo maps each
+        # to itself) and copy only the adapter.
+        shared = {} if merge else {id(p): p for p in peft_model.parameters() if not p.requires_grad}
+        self.model = copy.deepcopy(peft_model, shared).eval()
         self.model.requires_grad_(False)
         # The training model's base weights are frozen: the pristine source for every re-merge.
         self._originals = {
@@ -36,6 +53,7 @@ class SamplingModel:
         }
         self._layers = {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLayer)}
         self._params = dict(self.model.named_parameters())
+        self._dora = [] if merge else _cache_dora_scales(self.model)
         self.loaded_key: int | None = None
 
     @torch.no_grad()
@@ -44,14 +62,59 @@ class SamplingModel:
         if key == self.loaded_key:
             return
         self.loaded_key = None  # stays unset if anything below fails
-        for name, layer in self._layers.items():
-            layer.get_base_layer().weight.copy_(self._originals[name])
-            layer.merged_adapters = []
+        if self.merge:
+            for name, layer in self._layers.items():
+                layer.get_base_layer().weight.copy_(self._originals[name])
+                layer.merged_adapters = []
+        for layer in self._dora:
+            layer.rlkit_scales.clear()
         for name, tensor in snapshot.items():
             self._params[name].copy_(tensor)
-        for layer in self._layers.values():
-            layer.merge()
+        if self.merge:
+            for layer in self._layers.values():
+                layer.merge()
         self.loaded_key = key
+
+
+def _cache_dora_scales(model) -> list[DoraLinearLayer]:
+    """Gives each DoRA layer of `model` (unmerged, frozen) a forward pass that computes its
+    scale once per snapshot: `SamplingModel.load` clears `rlkit_scales`."""
+    layers = [m for m in model.modules() if isinstance(m, DoraLinearLayer)]
+    for layer in layers:
+        layer.rlkit_scales = {}
+        layer.forward = functools.partial(_dora_forward, layer)
+    return layers
+
+
+def _dora_forward(
+    layer, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"
+):
+    """peft's DoraLinearLayer.forward in eval mode (where peft passes the base layer's output),
+    with magnitude / ||W + scaling * B A|| cached per dtype."""
+    if base_result is None:  # dropout in training mode: not the sampler's case
+        return DoraLinearLayer.forward(
+            layer,
+            x,
+            lora_A=lora_A,
+            lora_B=lora_B,
+            scaling=scaling,
+            base_layer=base_layer,
+            adapter_name=adapter_name,
+        )
+    scale = layer.rlkit_scales.get(x.dtype)
+    if scale is None:
+        lora_weight = layer.get_lora_weight(lora_A=lora_A, lora_B=lora_B, adapter_name=adapter_name)
+        weight = dequantize_module_weight(base_layer).to(x.dtype)
+        norm = layer.get_weight_norm(
+            weight=weight,
+            lora_weight=lora_weight.to(x.dtype).detach(),
+            scaling=scaling,
+            adapter_name=adapter_name,
+        ).detach()
+        scale = layer.rlkit_scales[x.dtype] = (layer.weight / norm).view(1, -1)
+    if base_layer.bias is not None:
+        base_result = base_result - base_layer.bias
+    return (scale - 1) * base_result + scale * lora_B(lora_A(x)) * scaling
 
 
 def _text(tokenizer, tokens) -> str:
@@ -147,9 +210,12 @@ def sample(
 
 
 class HFEngine:
-    """The `hf` engine: transformers `generate` on a merged copy of the adapted model."""
+    """The `hf` engine: transformers `generate` on a merged copy of the adapted model (on a
+    quantized base: an unmerged one, see the module's docstring)."""
 
     name = "hf"
+    # Serves a quantized base exactly (the learner falls back to this engine for those).
+    serves_quantized = True
 
     @dataclass(frozen=True)
     class Options:
@@ -157,10 +223,10 @@ class HFEngine:
 
     @classmethod
     def build(cls, learner, options: Options | None = None) -> HFEngine:
-        return cls(learner.model, learner.tokenizer)
+        return cls(learner.model, learner.tokenizer, merge=not learner.quant.enabled)
 
-    def __init__(self, peft_model, tokenizer) -> None:
-        self._sampler = SamplingModel(peft_model)
+    def __init__(self, peft_model, tokenizer, merge: bool = True) -> None:
+        self._sampler = SamplingModel(peft_model, merge)
         self.tokenizer = tokenizer
 
     @property
