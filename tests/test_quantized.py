@@ -199,7 +199,7 @@ def test_bad_values_are_refused_by_the_schema_and_the_api(service):
 def test_the_run_config_reaches_the_client():
     from rlkit.run.config import adapter_args, quant_args
 
-    cfg = compose(["recipe=pair_sum_qdora"])
+    cfg = compose(["recipe=pair_sum_qlora", "adapter=dora"])
     assert quant_args(cfg.model) == {
         "quantize": "nf4",
         "quant_compute_dtype": "auto",
