@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev,quant,$(ENGINE_EXTRA)]'
+	$(BIN)/python -m pip install -q -e '.[dev,quant,data,$(ENGINE_EXTRA)]'
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	rm -f $(VENV)/.installed-* && touch $@
 

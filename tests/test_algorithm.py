@@ -17,6 +17,7 @@ from rlkit.rl.rewards.concise import concise_reward
 from rlkit.rl.rewards.correct import correct_reward
 from rlkit.rl.rewards.format import format_reward
 from rlkit.rl.rollouts import (
+    Episode,
     Group,
     group_datums,
     logprob_gaps,
@@ -133,8 +134,17 @@ def seq(tokens, logprobs, reason="stop"):
     return types.SampledSequence(reason, tokens, logprobs)
 
 
+def ep(tokens=(), logprobs=(), text=""):
+    """A one-turn episode."""
+    return Episode(list(tokens), list(logprobs), [True] * len(tokens), text, 1)
+
+
+def texts(*completions):
+    return [ep(text=c) for c in completions]
+
+
 def test_group_datums_put_the_advantage_on_completion_tokens_only():
-    group = Group(problem([1, 1]), [5, 6, 7], [seq([8, 9], [-0.5, -0.25]), seq([10], [-1.0])], [])
+    group = Group(problem([1, 1]), [5, 6, 7], [ep([8, 9], [-0.5, -0.25]), ep([10], [-1.0])])
     d0, d1 = group_datums(group, torch.tensor([2.0, -2.0]))
     assert d0.model_input.to_ints() == [5, 6, 7, 8]  # position i predicts token i + 1
     assert d0.loss_fn_inputs["target_tokens"].tolist() == [6, 7, 8, 9]
@@ -145,7 +155,7 @@ def test_group_datums_put_the_advantage_on_completion_tokens_only():
 
 
 def test_mismatch_metrics_by_hand():
-    group = Group(problem([1, 1]), [5, 6], [seq([8, 9], [-1.0, -1.0])], [])
+    group = Group(problem([1, 1]), [5, 6], [ep([8, 9], [-1.0, -1.0])])
     (datum,) = group_datums(group, torch.tensor([1.0]))
     # Trainer logprobs on the two completion tokens: gaps d = +0.5 and -0.5 (prompt ignored).
     out = {"logprobs": types.TensorData.from_list([-9.0, -0.5, -1.5])}
@@ -160,21 +170,21 @@ def test_mismatch_metrics_by_hand():
 
 
 def test_score_groups_raises_or_skips_a_failing_reward(capsys):
-    groups = [Group(problem([1, 1]), [1], [], ["<answer>2</answer>", "x"])] * 2
+    groups = [Group(problem([1, 1]), [1], texts("<answer>2</answer>", "x"))] * 2
     bad = [WeightedReward("bad", 1.0, lambda c, p: 1 / 0)]
     with pytest.raises(RewardError, match="reward 'bad' raised ZeroDivisionError"):
         score_groups(groups, bad, "raise")
     # skip: failed groups are None, with a warning; a step where all failed still stops.
-    with pytest.raises(RewardError, match="RL step 3: the reward failed in every group"):
+    with pytest.raises(RewardError, match="RL step 3: every group failed"):
         score_groups(groups, bad, "skip", step=3)
     flaky = [WeightedReward("flaky", 1.0, lambda c, p: [1 / (p.info["numbers"][0] - 1)] * 2)]
     mixed = [
-        Group(problem([1, 1]), [1], [], ["a", "b"]),
-        Group(problem([2, 1]), [1], [], ["a", "b"]),
+        Group(problem([1, 1]), [1], texts("a", "b")),
+        Group(problem([2, 1]), [1], texts("a", "b")),
     ]
     scores = score_groups(mixed, flaky, "skip", step=4)
     assert scores[0] is None and scores[1].total == [1.0, 1.0]
-    assert "RL step 4: skipped 1 of 2 groups whose reward failed" in capsys.readouterr().err
+    assert "RL step 4: skipped 1 of 2 groups whose reward or environment failed" in capsys.readouterr().err
 
 
 def test_rewards_may_return_numpy_or_torch_scalars():
@@ -189,7 +199,7 @@ def test_rewards_may_return_numpy_or_torch_scalars():
 
 def test_rollout_metrics_use_the_env_grade():
     p = problem([1, 2])  # 3
-    g = Group(p, [1], [seq([1, 2], [-1.0, -3.0]), seq([3], [-2.0])], ["<answer>3</answer>", "4"])
+    g = Group(p, [1], [ep([1, 2], [-1.0, -3.0], "<answer>3</answer>"), ep([3], [-2.0], "4")])
     rewards = [WeightedReward("correct", 1.0, correct_reward)]
     scores_P = score_groups([g, g], rewards, "skip")
     m = rollout_metrics([g, g], [scores_P[0], None], ENV)
@@ -201,7 +211,7 @@ def test_rollout_metrics_use_the_env_grade():
 
 
 def test_sample_records_and_mean():
-    g = Group(problem([1, 2]), [1], [], ["a", "b", "c"])
+    g = Group(problem([1, 2]), [1], texts("a", "b", "c"))
     records = sample_records(4, [g, g, g])
     assert len(records) == 4 and records[0] == {
         "step": 4,

@@ -57,6 +57,20 @@ STEP_FIELDS = {
     "train/grad_norm",
     "train/lr",
 }
+# A shortened calculator run: a warm start long enough for the tiny model to learn the tool's form.
+CALC_FAST = [
+    "adapter.rank=16",
+    "warmup.steps=60",
+    "warmup.batch_size=16",
+    "warmup.lr=1e-2",
+    "steps=3",
+    "groups_per_step=2",
+    "group_size=4",
+    "max_tokens=24",
+    "env.eval_size=4",
+    "eval_every=2",
+    "samples_every=1",
+]
 TIME_FIELDS = {"step", "time/sample", "time/score", "time/train", "time/sync", "time/step"}
 
 
@@ -209,9 +223,7 @@ def test_plugin_reward_from_installed_entry_point(tmp_path):
     dist = site / "myrewards-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myrewards\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(
-        "[rlkit.rl.rewards]\nseven = myrewards:has_digit_seven\n"
-    )
+    (dist / "entry_points.txt").write_text("[rlkit.rewards]\nseven = myrewards:has_digit_seven\n")
     run_dir = tmp_path / "run"
     overrides = [o for o in FAST if not o.startswith("reward")]
     cli(
@@ -220,6 +232,102 @@ def test_plugin_reward_from_installed_entry_point(tmp_path):
         extra_env={"PYTHONPATH": str(site)},
     )
     assert "reward/seven" in (run_dir / "metrics.jsonl").read_text()
+
+
+ENV_PLUGIN = textwrap.dedent(
+    """
+    from rlkit.envs import Env, Grade, Problem
+
+
+    class Reverse(Env):
+        def __init__(self, words=("cat", "lamp", "river"), eval_size: int = 3):
+            self.words, self.eval_size = list(words), eval_size
+
+        def make(self, word):
+            return Problem(({"role": "user", "content": word},), word[::-1])
+
+        def sample(self, rng, n, step):
+            return [self.make(rng.choice(self.words)) for _ in range(n)]
+
+        def eval_problems(self):
+            return [self.make(w) for w in self.words[: self.eval_size]]
+
+        def grade(self, problem, completion):
+            answer = completion.partition("<answer>")[2].partition("</answer>")[0]
+            return Grade(correct=answer == problem.answer, formatted="</answer>" in completion)
+    """
+)
+# The shortened run without the pair_sum recipe (whose env keys another env does not take).
+NO_RECIPE = [o for o in FAST if not o.startswith(("recipe", "env."))]
+
+
+def _eval_sizes(run_dir):
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "eval/accuracy" in r]
+
+
+@pytest.mark.parametrize("how", ["override", "yaml", "entry_point"])
+def test_plugin_env_three_ways(tmp_path, how):
+    site = tmp_path / "site"
+    (site / "myenvs").mkdir(parents=True)
+    (site / "myenvs" / "__init__.py").write_text(ENV_PLUGIN)
+    args = {
+        "override": ["~env", "+env._target_=myenvs.Reverse", "+env.eval_size=2"],
+        "yaml": ["env=reverse", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]"],
+        "entry_point": ["env=reverse", "env.eval_size=2"],
+    }[how]
+    (tmp_path / "myconf" / "env").mkdir(parents=True)
+    (tmp_path / "myconf" / "env" / "reverse.yaml").write_text(
+        "_target_: myenvs.Reverse\neval_size: 2\n"
+    )
+    dist = site / "myenvs-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myenvs\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[rlkit.envs]\nreverse = myenvs:Reverse\n")
+    run_dir = tmp_path / "run"
+    overrides = [o for o in NO_RECIPE if not o.startswith("warmup")]  # Reverse has no solutions
+    cli(
+        [*overrides, *args, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        extra_env={"PYTHONPATH": str(site)},
+    )
+    config = (run_dir / "config.yaml").read_text()
+    assert "_target_: myenvs.Reverse" in config
+    samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert {s["prompt"] for s in samples} <= {"cat", "lamp", "river"}
+    assert "eval/accuracy" in _eval_sizes(run_dir)[-1]
+
+
+def test_bad_data_is_one_line_naming_the_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2"}\n')
+    proc = cli(["env=dataset", f"env.path={tmp_path / 'd.jsonl'}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "d.jsonl line 2: no field 'answer' (env.answer_field=answer)" in proc.stderr
+
+
+def test_calculator_tool_env_end_to_end(tmp_path):
+    """The tool env through the CLI. The warm start only shows the tool (tool_fraction=1), so
+    the tiny model calls it from the first step (with wrong operands: it is tiny); the env's
+    results are in the samples, the turns and tool metrics in metrics.jsonl."""
+    run_dir = tmp_path / "run"
+    cli(
+        [
+            "recipe=calculator",
+            "model=rlkit_tiny",
+            "env.tool_fraction=1.0",
+            *CALC_FAST,
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["step"] >= 0 and "reward/mean" in r]
+    assert len(steps) == 3
+    assert all({"env/tool_use", "env/tool_calls", "train/turns"} <= set(r) for r in steps)
+    assert max(r["env/tool_use"] for r in steps) > 0
+    assert max(r["train/turns"] for r in steps) > 1
+    samples = (run_dir / "samples.jsonl").read_text()
+    assert "<result>" in samples
 
 
 BAD_REWARDS = textwrap.dedent(
@@ -277,7 +385,7 @@ def test_broken_reward_can_skip_its_groups(tmp_path, monkeypatch, capsys):
     failed = [r["train/failed_reward_groups"] for r in records if "train/failed_reward_groups" in r]
     assert failed == [1, 1, 1]
     err = capsys.readouterr().err
-    assert err.count("skipped 1 of 2 groups whose reward failed") == 3, err
+    assert err.count("skipped 1 of 2 groups whose reward or environment failed") == 3, err
     assert "reward 'bad' raised ZeroDivisionError: boom" in err
 
 
@@ -285,7 +393,7 @@ def test_a_reward_failing_in_every_group_stops_the_run_even_with_skip(tmp_path, 
     (tmp_path / "badrewards.py").write_text(BAD_REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = compose([*FAST, "+reward.bad._target_=badrewards.raises", "on_reward_error=skip"])
-    with pytest.raises(RewardError, match="RL step 0: the reward failed in every group"):
+    with pytest.raises(RewardError, match="RL step 0: every group failed"):
         train(cfg, tmp_path / "run")
 
 
@@ -355,6 +463,7 @@ def test_recipes_work_from_an_installed_wheel(tmp_path):
     # The top-level conf/ and recipes/ land inside the package, and nowhere else.
     assert (site / "rlkit" / "conf" / "config.yaml").exists()
     assert (site / "rlkit" / "recipes" / "pair_sum.yaml").exists()
+    assert (site / "rlkit" / "data" / "word_problems" / "train.jsonl").exists()  # builtin:
     assert sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info")) == ["rlkit"]
     env = {**os.environ, "PYTHONPATH": str(site)}
     where = subprocess.run(

@@ -1,7 +1,7 @@
 """The RL loop, written on the Tinker-style API and nothing else.
 
-Each step: sample `groups_per_step` problems x `group_size` completions; score them with the
-reward list; turn each group's rewards into advantages; build datums (prompt tokens carry no
+Each step: sample `groups_per_step` problems x `group_size` episodes (one model turn each, or
+several turns with the environment's observations between them); score them with the reward list; turn each group's rewards into advantages; build datums (prompt tokens carry no
 advantage); `forward_backward` + `optim_step`; hand the new weights to a fresh sampler; log.
 
 How it deviates from textbook GRPO:
@@ -84,13 +84,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         for step in run.steps():  # checkpoints when due; ends early on Ctrl-C / SIGTERM
             metrics = {"step": step}
             if step % cfg.eval_every == 0:
-                metrics |= evaluate(sampler, env, tokenizer, params, procs)
+                metrics |= run_eval(cfg, sampler, env, tokenizer, params, procs, step)
 
             # Problems and sampling seeds are functions of (seed, step): a resumed run draws the
             # same, whatever its number of processes. Each process takes whole groups (rank,
             # rank + N, ...), so advantages stay within a group.
             with timed(metrics, "time/sample"):
-                problems_P = env.sample(seeds.rng(cfg.seed, "problems", step), cfg.groups_per_step)
+                rng = seeds.rng(cfg.seed, "problems", step)
+                problems_P = env.sample(rng, cfg.groups_per_step, step)
                 seeds_P = [
                     seeds.derive_seed(cfg.seed, "rollout", step, i) for i in range(len(problems_P))
                 ]
@@ -98,10 +99,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 groups = sample_groups(
                     sampler,
                     tokenizer,
+                    env,
                     [problems_P[i] for i in mine],
                     cfg.group_size,
                     params,
                     [seeds_P[i] for i in mine],
+                    cfg.on_env_error,
                 )
 
             with timed(metrics, "time/score"):
@@ -152,8 +155,25 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
         if run.stopped:
             raise SystemExit(0)  # the checkpoint is written and the resume command printed
-        run.log({"step": cfg.steps, **evaluate(sampler, env, tokenizer, params, procs)})
+        run.log({"step": cfg.steps, **run_eval(cfg, sampler, env, tokenizer, params, procs)})
         return run.finish()
+
+
+def run_eval(cfg, sampler, env, tokenizer, params, procs, step: int | None = None):
+    """The held-out eval at `eval_temperature`, `eval_samples` episodes per problem; sampling
+    seeds are functions of (seed, step, problem), like the rollouts'."""
+    step = cfg.steps if step is None else step
+    n = len(env.eval_problems())
+    return evaluate(
+        sampler,
+        env,
+        tokenizer,
+        replace(params, temperature=cfg.eval_temperature),
+        procs,
+        cfg.eval_samples,
+        [seeds.derive_seed(cfg.seed, "eval", step, i) for i in range(n)],
+        cfg.on_env_error,
+    )
 
 
 def build_rewards(reward_cfg: DictConfig) -> list[WeightedReward]:

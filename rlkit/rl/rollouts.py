@@ -9,44 +9,136 @@ so the metrics are computed exactly as in a single-process run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from rich.markup import escape
 
 from rlkit.api import losses, types
 from rlkit.client import Processes
-from rlkit.rl.envs.base import Env, Problem
+from rlkit.rl.envs.base import Env, EnvError, Grade, Problem
 from rlkit.rl.rewards.base import GroupScores, RewardError, WeightedReward, score_group
 from rlkit.rl.sft import prompt_tokens
+from rlkit.run import seeds
 from rlkit.run.outputs import console
 
 
 @dataclass
+class Episode:
+    """One completion of a prompt: the model's turns and the environment's observations, as the
+    tokens after the prompt, the sampler's logprob of each (0 on the environment's), which are
+    the model's, and the transcript (what rewards and `grade` read)."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    model_mask: list[bool] = field(default_factory=list)
+    text: str = ""
+    turns: int = 0
+    # What the environment raised, when on_env_error=skip.
+    error: str | None = None
+
+    def act(self, sequence: types.SampledSequence, tokenizer) -> None:
+        self.tokens += sequence.tokens
+        self.logprobs += sequence.logprobs
+        self.model_mask += [True] * len(sequence.tokens)
+        self.text += tokenizer.decode(sequence.tokens, skip_special_tokens=True)
+        self.turns += 1
+
+    def observe(self, observation: str, tokenizer) -> None:
+        tokens = tokenizer.encode(observation, add_special_tokens=False)
+        self.tokens += tokens
+        self.logprobs += [0.0] * len(tokens)
+        self.model_mask += [False] * len(tokens)
+        self.text += observation
+
+
+@dataclass
 class Group:
-    """One problem's rollouts: the prompt and `group_size` sampled completions."""
+    """One problem's rollouts: the prompt and `group_size` episodes from it."""
 
     problem: Problem
     prompt: list[int]
-    sequences: list[types.SampledSequence]
-    completions: list[str]
+    episodes: list[Episode]
+
+    @property
+    def completions(self) -> list[str]:
+        return [e.text for e in self.episodes]
 
 
-def sample_groups(sampler, tokenizer, problems_P, group_size, params, seeds_P=None) -> list[Group]:
-    """`seeds_P`: one sampling seed per problem, so rollouts do not depend on call order. Every
-    request is submitted before any result is read, so the engine runs them as one batch."""
-    futures = []
-    for i, problem in enumerate(problems_P):
-        prompt = prompt_tokens(tokenizer, problem.messages)
-        model_input = types.ModelInput.from_ints(prompt)
-        request = params if seeds_P is None else replace(params, seed=seeds_P[i])
-        futures.append((problem, prompt, sampler.sample(model_input, group_size, request)))
-    groups = []
-    for problem, prompt, future in futures:
-        sequences = future.result().sequences
-        completions = [tokenizer.decode(s.tokens, skip_special_tokens=True) for s in sequences]
-        groups.append(Group(problem, prompt, sequences, completions))
+def sample_groups(
+    sampler,
+    tokenizer,
+    env: Env,
+    problems_P,
+    group_size,
+    params,
+    seeds_P=None,
+    on_env_error: str = "raise",
+) -> list[Group]:
+    """`group_size` episodes per problem. The first turn is one request per problem; each later
+    turn one request per episode still running, all of a turn's requests submitted before any
+    result is read (the engine runs them as one batch). `seeds_P`: one sampling seed per
+    problem (later turns derive theirs from it), so rollouts do not depend on call order."""
+    params = replace(params, stop=[*(params.stop or []), *env.stop] or None)
+    groups = [
+        Group(p, prompt_tokens(tokenizer, p.messages), [Episode() for _ in range(group_size)])
+        for p in problems_P
+    ]
+    seeds_P = seeds_P or [params.seed] * len(groups)
+    futures = [
+        sampler.sample(types.ModelInput.from_ints(g.prompt), group_size, _seeded(params, seed))
+        for g, seed in zip(groups, seeds_P, strict=True)
+    ]
+    for group, future in zip(groups, futures, strict=True):
+        for episode, sequence in zip(group.episodes, future.result().sequences, strict=True):
+            episode.act(sequence, tokenizer)
+    live = [(i, j) for i in range(len(groups)) for j in range(group_size)]
+    for turn in range(2, env.max_turns + 1):
+        live = [
+            (i, j)
+            for i, j in live
+            if _observe(env, groups[i].problem, groups[i].episodes[j], tokenizer, on_env_error)
+        ]
+        if not live:
+            break
+        futures = [
+            sampler.sample(
+                types.ModelInput.from_ints(groups[i].prompt + groups[i].episodes[j].tokens),
+                1,
+                _seeded(params, _turn_seed(seeds_P[i], turn, j)),
+            )
+            for i, j in live
+        ]
+        for (i, j), future in zip(live, futures, strict=True):
+            groups[i].episodes[j].act(future.result().sequences[0], tokenizer)
     return groups
+
+
+def _seeded(params: types.SamplingParams, seed: int | None) -> types.SamplingParams:
+    return params if seed is None else replace(params, seed=seed)
+
+
+def _turn_seed(seed: int | None, turn: int, episode: int) -> int | None:
+    return None if seed is None else seeds.derive_seed(seed, "turn", turn, episode)
+
+
+def _observe(env: Env, problem: Problem, episode: Episode, tokenizer, on_env_error: str) -> bool:
+    """The environment's answer to the episode's last turn; False when the episode is over."""
+    try:
+        observation = env.step(problem, episode.text)
+    except Exception as exc:
+        message = (
+            f"env {type(env).__name__}.step raised {type(exc).__name__}: {exc} "
+            f"(problem {problem.messages[-1]['content']!r:.80}, turn {episode.turns})"
+        )
+        if on_env_error == "raise":
+            raise EnvError(f"{message}; on_env_error=skip skips the episode's group") from exc
+        episode.error = message
+        return False
+    if observation is None:
+        return False
+    episode.observe(observation, tokenizer)
+    return True
 
 
 def score_groups(
@@ -57,11 +149,17 @@ def score_groups(
     processes: Processes | None = None,
 ) -> list[GroupScores | None]:
     """Each group's rewards. A reward that fails raises (on_error=raise), or its group is
-    None (skip), with a warning for the step; a step where every group failed (in every process)
-    raises anyway: a run that trains on nothing must not look like one that trains."""
+    None (skip), with a warning for the step; so is a group where the environment failed
+    (on_env_error=skip). A step where every group failed (in every process) raises anyway: a
+    run that trains on nothing must not look like one that trains."""
     processes = processes or Processes()
     scores_P, errors = [], []
     for group in groups_P:
+        env_error = next((e.error for e in group.episodes if e.error), None)
+        if env_error:
+            scores_P.append(None)
+            errors.append(env_error)
+            continue
         try:
             scores_P.append(score_group(rewards, group.completions, group.problem))
         except RewardError as exc:
@@ -69,37 +167,38 @@ def score_groups(
                 raise
             scores_P.append(None)
             errors.append(str(exc))
-    if on_error != "raise":  # every process gets here: count the failures everywhere
-        failed = processes.sum(len(errors), "failed reward count")
-        if failed and failed == processes.sum(len(groups_P), "group count"):
-            first = errors[0] if errors else "in another process"
-            raise RewardError(
-                f"RL step {step}: the reward failed in every group (first: {first}); "
-                "on_reward_error=skip skips failing groups, but none is left to train on"
-            )
+    # every process gets here: count the failures everywhere
+    failed = processes.sum(len(errors), "failed group count")
+    if failed and failed == processes.sum(len(groups_P), "group count"):
+        first = errors[0] if errors else "in another process"
+        raise RewardError(
+            f"RL step {step}: every group failed (first: {first}); on_reward_error=skip and "
+            "on_env_error=skip skip failing groups, but none is left to train on"
+        )
     if errors:
         where = f" (rank {processes.rank})" if processes.world_size > 1 else ""
         console.print(
             f"[yellow]warning: RL step {step}{where}: skipped {len(errors)} of {len(groups_P)} "
-            f"groups whose reward failed (first: {escape(errors[0])})",
+            f"groups whose reward or environment failed (first: {escape(errors[0])})",
             soft_wrap=True,
         )
     return scores_P
 
 
 def group_datums(group: Group, advantages_G: torch.Tensor) -> list[types.Datum]:
-    """One datum per completion: sampler logprobs and the advantage on completion tokens only."""
+    """One datum per episode: the sampler's logprobs, and the advantage on the model's tokens
+    only (the prompt and the environment's observations carry none)."""
     datums = []
     n_prompt = len(group.prompt) - 1
-    for seq, adv in zip(group.sequences, advantages_G.tolist(), strict=True):
-        tokens = group.prompt + seq.tokens
+    for episode, adv in zip(group.episodes, advantages_G.tolist(), strict=True):
+        tokens = group.prompt + episode.tokens
         datums.append(
             types.Datum(
                 model_input=types.ModelInput.from_ints(tokens[:-1]),
                 loss_fn_inputs={
                     "target_tokens": tokens[1:],
-                    "logprobs": [0.0] * n_prompt + list(seq.logprobs),
-                    "advantages": [0.0] * n_prompt + [adv] * len(seq.tokens),
+                    "logprobs": [0.0] * n_prompt + episode.logprobs,
+                    "advantages": [0.0] * n_prompt + [adv * m for m in episode.model_mask],
                 },
             )
         )
@@ -107,23 +206,38 @@ def group_datums(group: Group, advantages_G: torch.Tensor) -> list[types.Datum]:
 
 
 def rollout_metrics(groups_P: list[Group], scores_P: list, env: Env) -> dict[str, float]:
-    """Rewards (total and per reward), accuracy as the env grades it, lengths, entropy."""
+    """Rewards (total and per reward), accuracy as the env grades it, lengths, entropy, and the
+    env's own episode metrics (`env/NAME`)."""
     scored = [s for s in scores_P if s is not None]
     components: dict[str, list[float]] = {}
     for scores in scored:
         for name, values in scores.components.items():
             components.setdefault(name, []).extend(values)
-    sequences = [s for g in groups_P for s in g.sequences]
-    correct = [env.grade(g.problem, c).correct for g in groups_P for c in g.completions]
-    return {
+    episodes = [(g.problem, e) for g in groups_P for e in g.episodes]
+    model_logprobs = [
+        lp for _, e in episodes for lp, m in zip(e.logprobs, e.model_mask, strict=True) if m
+    ]
+    metrics = {
         "reward/mean": mean(v for s in scored for v in s.total),
         **{f"reward/{name}": mean(values) for name, values in components.items()},
-        "train/accuracy": mean(correct),
-        "train/completion_tokens": mean(len(s.tokens) for s in sequences),
+        "train/accuracy": mean(env.grade(p, e.text).correct for p, e in episodes),
+        "train/completion_tokens": mean(sum(e.model_mask) for _, e in episodes),
         # Monte Carlo estimate of the sampler's per-token entropy: mean of -log p(sampled token).
-        "train/entropy": -mean(lp for s in sequences for lp in s.logprobs),
+        "train/entropy": -mean(model_logprobs),
         "train/failed_reward_groups": sum(s is None for s in scores_P),
     }
+    if env.max_turns > 1:
+        metrics["train/turns"] = mean(e.turns for _, e in episodes)
+    return metrics | env_metrics(env, episodes, "env")
+
+
+def env_metrics(env: Env, episodes, prefix: str) -> dict[str, float]:
+    """The env's metrics of each (problem, episode), averaged, as `PREFIX/NAME`."""
+    values: dict[str, list[float]] = {}
+    for problem, episode in episodes:
+        for name, value in env.metrics(problem, episode.text).items():
+            values.setdefault(f"{prefix}/{name}", []).append(float(value))
+    return {name: mean(v) for name, v in sorted(values.items())}
 
 
 def logprob_gaps(datums_D, outputs) -> torch.Tensor:
@@ -182,34 +296,75 @@ def merge(shares: list[Share]) -> Share:
 
 
 def evaluate(
-    sampler, env: Env, tokenizer, params: types.SamplingParams, processes: Processes | None = None
+    sampler,
+    env: Env,
+    tokenizer,
+    params: types.SamplingParams,
+    processes: Processes | None = None,
+    samples: int = 1,
+    seeds_P: list[int] | None = None,
+    on_env_error: str = "raise",
 ) -> dict[str, float]:
-    """Greedy accuracy and format rate on the env's fixed held-out problems, as the env grades
-    them, plus the accuracy per problem kind when the env tags its problems (`info["tag"]`).
+    """Accuracy and format rate on the env's fixed held-out problems, as the env grades them, at
+    `params.temperature` (the run's `eval_temperature`): `samples` episodes per problem, and
+    `eval/pass@K` (a problem counts when any of its K is correct) when K > 1. Split by kind when
+    the env tags its problems (`info["tag"]`), plus the env's own episode metrics. An episode
+    whose environment failed (on_env_error=skip) counts as wrong (`eval/env_errors`).
     With several processes each grades its share; the main process gets the metrics, the
     others an empty dict."""
     processes = processes or Processes()
     problems = env.eval_problems()
     mine = processes.shard(len(problems))
-    greedy = replace(params, temperature=0.0)
-    groups = sample_groups(sampler, tokenizer, [problems[i] for i in mine], 1, greedy)
+    groups = sample_groups(
+        sampler,
+        tokenizer,
+        env,
+        [problems[i] for i in mine],
+        samples,
+        params,
+        None if seeds_P is None else [seeds_P[i] for i in mine],
+        on_env_error,
+    )
     graded = [
-        (i, env.grade(g.problem, g.completions[0]), g.problem.info.get("tag"))
+        (i, [_grade(env, g.problem, e) for e in g.episodes], g.problem.info.get("tag"))
         for i, g in zip(mine, groups, strict=True)
     ]
-    shares = processes.gather(graded, "eval results")
+    episodes = [(g.problem, e) for g in groups for e in g.episodes if not e.error]
+    shares = processes.gather((graded, env_metrics(env, episodes, "eval")), "eval results")
     if shares is None:
         return {}
-    results = sorted((r for share in shares for r in share), key=lambda r: r[0])
+    results = sorted((r for share, _ in shares for r in share), key=lambda r: r[0])
+    metrics = _accuracy(results, samples, "")
+    by_tag: dict[str, list] = {}
+    for result in results:
+        if result[2] is not None:
+            by_tag.setdefault(str(result[2]), []).append(result)
+    for tag, tagged in sorted(by_tag.items()):
+        metrics |= {f"{k}/{tag}": v for k, v in _accuracy(tagged, samples, tag).items()}
+    if any(g is None for _, grades, _ in results for g in grades):
+        metrics["eval/env_errors"] = sum(g is None for _, grades, _ in results for g in grades)
+    # The env's metrics: each process's means, weighted alike (shares differ by one at most).
+    for name in sorted({n for _, m in shares for n in m}):
+        metrics[name] = mean(m[name] for _, m in shares if name in m)
+    return metrics
+
+
+def _grade(env: Env, problem: Problem, episode: Episode) -> Grade | None:
+    return None if episode.error else env.grade(problem, episode.text)
+
+
+def _accuracy(results, samples: int, tag: str) -> dict[str, float]:
+    """Mean accuracy and format over every episode, and pass@K over problems."""
+    grades = [g for _, grades, _ in results for g in grades]
     metrics = {
-        "eval/accuracy": mean(grade.correct for _, grade, _ in results),
-        "eval/format": mean(grade.formatted for _, grade, _ in results),
+        "eval/accuracy": mean(g is not None and g.correct for g in grades),
+        "eval/format": mean(g is not None and g.formatted for g in grades),
     }
-    by_tag: dict[str, list[bool]] = {}
-    for _, grade, tag in results:
-        if tag is not None:
-            by_tag.setdefault(str(tag), []).append(grade.correct)
-    metrics.update({f"eval/accuracy/{tag}": mean(oks) for tag, oks in sorted(by_tag.items())})
+    if samples > 1:
+        passed = [any(g is not None and g.correct for g in grades) for _, grades, _ in results]
+        metrics[f"eval/pass@{samples}"] = mean(passed)
+    if tag:  # per kind: accuracy and pass@K only
+        metrics.pop("eval/format")
     return metrics
 
 

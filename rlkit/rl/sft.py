@@ -20,11 +20,19 @@ def prompt_tokens(tokenizer, messages: Sequence[dict]) -> list[int]:
     )
 
 
-def completion_datum(tokenizer, prompt: list[int], completion: str) -> types.Datum:
-    """A datum that trains on the completion and its end-of-turn token, never on the prompt."""
-    reply = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
-    tokens = prompt + reply
-    weights = [0.0] * (len(prompt) - 1) + [1.0] * len(reply)
+def completion_datum(tokenizer, prompt: list[int], completion: str | Sequence[str]) -> types.Datum:
+    """A datum that trains on the completion and its end-of-turn token, never on the prompt.
+    A multi-turn completion is a list of texts alternating the model's turns and the
+    environment's observations (`[turn, observation, turn, ...]`): observations stay in the
+    context but out of the loss, as in RL."""
+    parts = [completion] if isinstance(completion, str) else list(completion)
+    tokens, weights = list(prompt), [0.0] * (len(prompt) - 1)
+    for i, text in enumerate(parts):
+        part = tokenizer.encode(text, add_special_tokens=False)
+        tokens += part
+        weights += [float(i % 2 == 0)] * len(part)
+    tokens.append(tokenizer.eos_token_id)
+    weights.append(1.0)
     return types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
@@ -83,8 +91,8 @@ def warm_start(
     """Supervised steps on the environment's worked solutions."""
     tokenizer = trainer.get_tokenizer()
 
-    def make_batch(_step: int) -> list[types.Datum]:
-        problems: list[Problem] = env.sample(rng, batch_size)
+    def make_batch(step: int) -> list[types.Datum]:
+        problems: list[Problem] = env.sample(rng, batch_size, step)
         return [
             completion_datum(tokenizer, prompt_tokens(tokenizer, p.messages), env.solution(p))
             for p in problems

@@ -60,6 +60,9 @@ class Resume(StrEnum):
 # raise: stop the run, naming the reward; skip: count the group in train/failed_reward_groups
 # and skip it. (`raise` is a keyword, hence the functional form: the schema matches by name.)
 OnRewardError = StrEnum("OnRewardError", {"raise": "raise", "skip": "skip"})
+# raise: stop the run, naming the env and the problem; skip: skip the episode's group (counted in
+# train/failed_reward_groups; an eval episode counts as wrong, in eval/env_errors).
+OnEnvError = StrEnum("OnEnvError", {"raise": "raise", "skip": "skip"})
 
 
 @dataclass
@@ -157,6 +160,8 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     # `_target_` of an Env class and its arguments.
     env: Any = MISSING
+    # `_target_` of the grader that decides correctness (env and rewards refer to it as ${grader}).
+    grader: Any = MISSING
     # name -> {_target_: reward function or class, weight: float, ...its arguments}.
     reward: dict[str, Any] = field(default_factory=dict)
     # `_target_` of an advantage function and its arguments.
@@ -182,12 +187,18 @@ class RunConfig:
     temperature: float = 1.0
     # Stop strings for rollouts and eval (the end-of-turn token always stops), e.g. ["</answer>"].
     stop: list[str] = field(default_factory=list)
-    # Greedy eval on the held-out set every N steps (and at the start and the end).
+    # Eval on the held-out set every N steps (and at the start and the end).
     eval_every: int = 10
+    # Sampling temperature of the eval; 0 is greedy.
+    eval_temperature: float = 0.0
+    # Episodes per eval problem: eval/accuracy averages them, eval/pass@K counts any correct.
+    eval_samples: int = 1
     # Write sample completions every N steps.
     samples_every: int = 10
     # What a reward that raises or returns a non-finite value does: raise, or skip its group.
     on_reward_error: OnRewardError = OnRewardError["raise"]
+    # What an environment that raises in `step` does: raise, or skip its group.
+    on_env_error: OnEnvError = OnEnvError["raise"]
 
 
 # Where the YAML lives: top-level conf/ and recipes/ in a source checkout; inside the package
@@ -215,6 +226,7 @@ POSITIVE_INTS = (
     "group_size",
     "max_tokens",
     "eval_every",
+    "eval_samples",
     "samples_every",
     "adapter.rank",
     "warmup.batch_size",
@@ -222,6 +234,7 @@ POSITIVE_INTS = (
 )
 NON_NEGATIVE = (
     "temperature",
+    "eval_temperature",
     "optim.lr",
     "optim.eps",
     "optim.weight_decay",
@@ -293,10 +306,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"determinism.cublas_workspace must look like ':4096:8' (or be empty), got {workspace!r}"
         )
+    if cfg.eval_samples > 1 and cfg.eval_temperature == 0:
+        raise ConfigError(
+            f"eval_samples={cfg.eval_samples} with eval_temperature=0: greedy samples are all "
+            "the same; set eval_temperature > 0 for pass@k, or eval_samples=1"
+        )
     _validate_engine(cfg.engine)
     _validate_loss(cfg.loss)
     if not cfg.reward:
         raise ConfigError("reward is empty: select at least one, e.g. reward=[format,correct]")
+    check_target("grader", cfg.grader, runtime_args=2)
     check_target("env", cfg.env)
     check_target("advantage", cfg.advantage, runtime_args=1)
     for name, entry in cfg.reward.items():
@@ -480,6 +499,7 @@ def as_callable(node: DictConfig, key: str, extra=(), runtime: dict | None = Non
     Keys in `extra` are rlkit's own, not passed on. A ValueError from a class's own checks of its
     arguments is a ConfigError naming `key`."""
     arguments = OmegaConf.to_container(OmegaConf.create(_arguments(node, extra)), resolve=True)
+    arguments = {name: _build(value, f"{key}.{name}") for name, value in arguments.items()}
     kwargs = {**arguments, **(runtime or {})}
     target = import_target(node._target_)
     if not inspect.isclass(target):
@@ -488,6 +508,14 @@ def as_callable(node: DictConfig, key: str, extra=(), runtime: dict | None = Non
         return target(**kwargs)
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from exc
+
+
+def _build(value: Any, key: str) -> Any:
+    """An argument that is itself a `_target_` node (e.g. `grader: ${grader}`) becomes its
+    object; anything else stays as it is."""
+    if isinstance(value, dict) and "_target_" in value:
+        return as_callable(OmegaConf.create(value), key)
+    return value
 
 
 def compose(overrides: list[str] = ()) -> DictConfig:

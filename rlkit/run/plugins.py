@@ -1,12 +1,17 @@
-"""Rewards from installed packages: entry points in the group `rlkit.rl.rewards`.
+"""Rewards and environments from installed packages: entry points in the groups
+`rlkit.rewards` and `rlkit.envs`.
 
 A package that declares
 
-    [project.entry-points."rlkit.rl.rewards"]
+    [project.entry-points."rlkit.rewards"]
     my_reward = "my_pkg.rewards:my_reward"
 
-makes `reward=[format,correct,my_reward]` work: each entry point becomes a config option in the
-`reward` group with `_target_` set to it and weight 1.0 (override with `reward.my_reward.weight=`).
+    [project.entry-points."rlkit.envs"]
+    my_env = "my_pkg.envs:MyEnv"
+
+makes `reward=[format,correct,my_reward]` and `env=my_env` work: each entry point becomes a config
+option, its `_target_` set to the entry point; a reward gets weight 1.0 (override with
+`reward.my_reward.weight=`), an environment its class's defaults (override with `env.KEY=`).
 """
 
 from __future__ import annotations
@@ -15,16 +20,21 @@ from importlib.metadata import entry_points
 
 from hydra.core.config_store import ConfigStore
 
-GROUP = "rlkit.rl.rewards"
+REWARDS = "rlkit.rewards"
+ENVS = "rlkit.envs"
 
 
 def register_entry_points() -> list[str]:
+    """Registers every entry point of both groups; returns their names."""
     names = []
     store = ConfigStore.instance()
-    for ep in entry_points(group=GROUP):
+    for ep in entry_points(group=REWARDS):
         target = ep.value.replace(":", ".")
         store.store(
             group="reward", name=ep.name, node={ep.name: {"_target_": target, "weight": 1.0}}
         )
+        names.append(ep.name)
+    for ep in entry_points(group=ENVS):
+        store.store(group="env", name=ep.name, node={"_target_": ep.value.replace(":", ".")})
         names.append(ep.name)
     return names

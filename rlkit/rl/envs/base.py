@@ -1,17 +1,28 @@
-"""The environment protocol: a source of problems with known answers.
+"""The environment protocol: problems with known answers, and episodes of one or more turns.
 
-An environment makes training problems on demand from an RNG it is handed (so the trainer owns
-all randomness), keeps a fixed held-out set for evaluation, can write a worked solution for the
-supervised warm start, and grades a completion: whether it is correct is the task's knowledge,
-not the loop's (it decides `train/accuracy` and `eval/accuracy`). How a completion is *rewarded*
-is the reward functions' business.
+An environment makes the problems of a step on demand (from an RNG the trainer hands it and the
+step's number, so the trainer owns all randomness and a resumed run draws the same), keeps a
+fixed held-out set for evaluation, can write a worked solution for the supervised warm start,
+and grades a completion: whether it is correct is the task's knowledge, not the loop's (it
+decides `train/accuracy` and `eval/accuracy`). How a completion is *rewarded* is the reward
+functions' business.
+
+An episode starts from a problem's prompt (the initial observation). The model acts (one turn:
+up to `max_tokens` tokens, ending at the end-of-turn token, a stop string of the run or one of
+the env's `stop`); the environment answers with `step(problem, transcript)`: text that goes into
+the context (a tool's result, the user's next message), or None when the episode is over. At most
+`max_turns` model turns. The environment's text stays in the context but out of the loss.
+A single-turn task is the one-turn case: the default `step` ends the episode.
+
+Rewards and `grade` see the episode's whole transcript (model turns and observations, as text).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Protocol
+
+from rlkit.api.errors import RlkitError
 
 
 @dataclass(frozen=True)
@@ -20,7 +31,7 @@ class Problem:
     messages: tuple[dict[str, str], ...]
     # The reference answer, as text.
     answer: str
-    # Anything a reward may want (operands, difficulty, ...).
+    # Anything a reward may want (operands, difficulty, ...). `tag` splits eval metrics by kind.
     info: dict = field(default_factory=dict, hash=False, compare=False)
 
 
@@ -34,11 +45,41 @@ class Grade:
     formatted: bool
 
 
-class Env(Protocol):
-    def sample(self, rng: random.Random, n: int) -> list[Problem]: ...
+class EnvError(RlkitError):
+    """An environment raised while stepping an episode (see `on_env_error`)."""
 
-    def eval_problems(self) -> list[Problem]: ...
 
-    def solution(self, problem: Problem) -> str: ...
+class Env:
+    """Base class of environments; subclasses implement `sample`, `eval_problems` and `grade`
+    (and `solution` for a warm start). Multi-turn ones set `max_turns` and implement `step`."""
 
-    def grade(self, problem: Problem, completion: str) -> Grade: ...
+    # Most model turns in an episode.
+    max_turns: int = 1
+    # Strings that end a model turn (e.g. a tool call's closing tag), besides the run's `stop`.
+    stop: tuple[str, ...] = ()
+
+    def sample(self, rng: random.Random, n: int, step: int) -> list[Problem]:
+        """The `n` problems of step `step`; draw any randomness from `rng`."""
+        raise NotImplementedError
+
+    def eval_problems(self) -> list[Problem]:
+        raise NotImplementedError
+
+    def solution(self, problem: Problem) -> str | list[str]:
+        """A worked solution for the warm start: the completion's text, or for several turns a
+        list alternating the model's turns and the environment's observations (those are kept
+        out of the supervised loss)."""
+        raise NotImplementedError(f"{type(self).__name__} has no worked solutions (warmup.steps)")
+
+    def grade(self, problem: Problem, completion: str) -> Grade:
+        raise NotImplementedError
+
+    def step(self, problem: Problem, transcript: str) -> str | None:
+        """The environment's answer to the model's latest turn (the end of `transcript`), or
+        None to end the episode."""
+        return None
+
+    def metrics(self, problem: Problem, transcript: str) -> dict[str, float]:
+        """Numbers about one finished episode (e.g. tool calls), averaged over a step's
+        episodes and logged as `env/NAME` (`eval/NAME` on the held-out set)."""
+        return {}

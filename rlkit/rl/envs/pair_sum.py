@@ -10,8 +10,9 @@ import math
 import random
 from collections.abc import Sequence
 
-from rlkit.rl.envs.base import Grade, Problem
-from rlkit.rl.rewards.base import parse_answer
+from rlkit.rl.envs.base import Env, Grade, Problem
+from rlkit.rl.graders.base import Grader
+from rlkit.rl.graders.exact_match import ExactMatch
 
 SYSTEM_PROMPT = (
     "Add adjacent pairs of numbers, then multiply the sums. "
@@ -19,7 +20,7 @@ SYSTEM_PROMPT = (
 )
 
 
-class PairSumEnv:
+class PairSumEnv(Env):
     def __init__(
         self,
         n_choices: Sequence[int] = (2, 4),
@@ -28,6 +29,7 @@ class PairSumEnv:
         eval_size: int = 64,
         eval_seed: int = 1234,
         system_prompt: str = SYSTEM_PROMPT,
+        grader: Grader | None = None,
     ) -> None:
         n_choices = list(n_choices)
         if not n_choices or any(n < 2 or n % 2 for n in n_choices):
@@ -38,6 +40,7 @@ class PairSumEnv:
             raise ValueError(f"env.eval_size must be >= 1, got {eval_size}")
         self.n_choices, self.low, self.high = n_choices, low, high
         self.system_prompt = system_prompt
+        self.grader = grader or ExactMatch()
         self._eval = self.sample(random.Random(eval_seed), eval_size)
 
     def make(self, numbers: Sequence[int]) -> Problem:
@@ -50,7 +53,7 @@ class PairSumEnv:
         info = {"numbers": list(numbers), "sums": sums, "tag": f"n{len(numbers)}"}
         return Problem(messages=messages, answer=str(math.prod(sums)), info=info)
 
-    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+    def sample(self, rng: random.Random, n: int, step: int = 0) -> list[Problem]:
         return [
             self.make([rng.randint(self.low, self.high) for _ in range(rng.choice(self.n_choices))])
             for _ in range(n)
@@ -70,6 +73,6 @@ class PairSumEnv:
         return " ".join(steps) + f" <answer>{problem.answer}</answer>"
 
     def grade(self, problem: Problem, completion: str) -> Grade:
-        """The first `<answer>...</answer>` tag holds the answer; it must equal the reference."""
-        answer = parse_answer(completion)
-        return Grade(correct=answer == problem.answer, formatted=answer is not None)
+        """As the grader says (by default: the first `<answer>...</answer>` tag holds the
+        answer, and it must equal the reference)."""
+        return self.grader(completion, problem.answer)

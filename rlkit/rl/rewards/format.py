@@ -1,8 +1,12 @@
-"""format: 1 when the completion has a parsable `<answer>...</answer>` tag, else 0."""
+"""format: 1 when the completion states an answer in the grader's expected form, else 0."""
 
 from rlkit.rl.envs.base import Problem
-from rlkit.rl.rewards.base import parse_answer
+from rlkit.rl.graders.base import Grader
+from rlkit.rl.graders.exact_match import ExactMatch
 
 
-def format_reward(completions: list[str], problem: Problem) -> list[float]:
-    return [float(parse_answer(c) is not None) for c in completions]
+def format_reward(
+    completions: list[str], problem: Problem, grader: Grader | None = None
+) -> list[float]:
+    grader = grader or ExactMatch()
+    return [float(grader(c, problem.answer).formatted) for c in completions]

@@ -1,0 +1,1 @@
+"""Graders: decide whether a model's completion answers a problem correctly."""

@@ -1,0 +1,71 @@
+"""The grader protocol: `grader(completion, reference) -> Grade`.
+
+A grader reads the answer a completion states and compares it with the reference answer, so an
+environment can hand its `grade` to one instead of re-writing answer parsing per task. Graders are
+configured like every other plugin: a YAML in conf/grader/ names the class with `_target_` and
+lists its keyword arguments, and Hydra instantiates it. `formatted` says an answer was stated in
+the expected form at all (a format reward can use it); `correct` says it is the right one.
+
+A reference the grader cannot read (a numeric grader given "abc") is a data-set bug, not a wrong
+completion, so it raises `GraderError` rather than grading every completion wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+from rlkit.api.errors import RlkitError
+from rlkit.rl.envs.base import Grade
+
+
+class GraderError(RlkitError, ValueError):
+    """A reference answer the grader cannot read; the message names the grader and reference."""
+
+
+class Grader(Protocol):
+    def __call__(self, completion: str, reference: str) -> Grade: ...
+
+
+_UNSIGNED = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?"
+_NUMBER = re.compile(rf"([+-]?)\$?({_UNSIGNED})(?:/({_UNSIGNED}))?")
+
+
+def check_tag(tag: object) -> str:
+    """Tags go into a regex and into prompts, so only plain word characters are allowed."""
+    if not isinstance(tag, str) or not re.fullmatch(r"\w+", tag):
+        raise ValueError(f"grader.tag must be a non-empty string of word characters, got {tag!r}")
+    return tag
+
+
+def check_tolerance(name: str, value: float) -> float:
+    """A negative tolerance would silently make every answer wrong."""
+    if value < 0:
+        raise ValueError(f"grader.{name} must be >= 0, got {value}")
+    return float(value)
+
+
+def tagged(completion: str, tag: str) -> str | None:
+    """The stripped text inside the first <tag>...</tag>, or None if there is none."""
+    match = re.search(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", completion, re.DOTALL)
+    return match.group(1).strip() if match else None
+
+
+def parse_number(text: str) -> float | None:
+    """Read a number as people write answers: "1,234", "-3/4", "$1,000", "50%", "1e3", ".5".
+
+    Commas only in groups of three, so "1,23" (a list, or a typo) is not read as 123. A percent
+    sign is dropped, not divided out: "50%" is 50, as graders of percentage questions expect.
+    """
+    text = text.strip().removesuffix(".").removesuffix("%").strip()
+    match = _NUMBER.fullmatch(text)
+    if match is None:
+        return None
+    sign, numerator, denominator = match.groups()
+    value = float(numerator.replace(",", ""))
+    if denominator is not None:
+        divisor = float(denominator.replace(",", ""))
+        if divisor == 0:
+            return None
+        value /= divisor
+    return -value if sign == "-" else value
