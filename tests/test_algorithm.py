@@ -184,7 +184,10 @@ def test_score_groups_raises_or_skips_a_failing_reward(capsys):
     ]
     scores = score_groups(mixed, flaky, "skip", step=4)
     assert scores[0] is None and scores[1].total == [1.0, 1.0]
-    assert "RL step 4: skipped 1 of 2 groups whose reward or environment failed" in capsys.readouterr().err
+    assert (
+        "RL step 4: skipped 1 of 2 groups whose reward or environment failed"
+        in capsys.readouterr().err
+    )
 
 
 def test_rewards_may_return_numpy_or_torch_scalars():
