@@ -16,6 +16,7 @@ option, its `_target_` set to the entry point; a reward gets weight 1.0 (overrid
 
 from __future__ import annotations
 
+import inspect
 from importlib.metadata import entry_points
 
 from hydra.core.config_store import ConfigStore
@@ -35,6 +36,22 @@ def register_entry_points() -> list[str]:
         )
         names.append(ep.name)
     for ep in entry_points(group=ENVS):
-        store.store(group="env", name=ep.name, node={"_target_": ep.value.replace(":", ".")})
+        node = {"_target_": ep.value.replace(":", "."), **_defaults(ep)}
+        store.store(group="env", name=ep.name, node=node)
         names.append(ep.name)
     return names
+
+
+def _defaults(ep) -> dict:
+    """The class's keyword defaults of plain types, so `env.KEY=` overrides them; none when it
+    does not import (validation then names the error)."""
+    try:
+        params = inspect.signature(ep.load()).parameters.values()
+    except Exception:
+        return {}
+    plain = (int, float, str, bool, list, tuple, type(None))
+    return {
+        p.name: list(p.default) if isinstance(p.default, tuple) else p.default
+        for p in params
+        if p.default is not p.empty and isinstance(p.default, plain)
+    }
