@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -151,8 +152,10 @@ def test_stop_strings_end_rollouts(tmp_path):
 
 def test_help_lists_groups(tmp_path):
     out = cli(["--help"], cwd=tmp_path).stdout
-    for group in ("reward:", "advantage:", "loss:", "model:", "recipe: pair_sum"):
+    for group in ("reward:", "advantage:", "loss:", "model:", "env:", "grader:"):
         assert group in out, out
+    recipes = next(line for line in out.splitlines() if line.startswith("recipe:"))
+    assert {"pair_sum", "word_problems", "calculator"} <= set(recipes[7:].replace(",", " ").split())
 
 
 def test_bad_config_fails_before_loading_a_model(tmp_path):
@@ -477,4 +480,5 @@ def test_recipes_work_from_an_installed_wheel(tmp_path):
     assert where.stdout.startswith(str(site))
     out = cli(["recipe=pair_sum", "--cfg", "job"], cwd=tmp_path, extra_env=env).stdout
     assert "base_model: rlkit-small" in out
-    assert "recipe: pair_sum" in cli(["--help"], cwd=tmp_path, extra_env=env).stdout
+    help_text = cli(["--help"], cwd=tmp_path, extra_env=env).stdout
+    assert re.search(r"^recipe: .*\bpair_sum\b", help_text, re.M), help_text
