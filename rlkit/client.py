@@ -41,6 +41,7 @@ from rlkit.api.types import (
     SamplingParams,
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
+    TensorData,
     to_token_list,
 )
 from rlkit.backend import distributed, models
@@ -358,6 +359,21 @@ class TrainingClient:
     ) -> APIFuture[ForwardBackwardOutput]:
         return self._worker.submit(self._learner.forward, data, loss_fn, loss_fn_config, True)
 
+    def compute_reference_logprobs(self, data: list[Datum]) -> APIFuture[list[TensorData]]:
+        """Each datum's `target_tokens` logprobs under the KL reference (local extension, for a
+        KL penalty): by default the base model, i.e. the trainer's own model with the adapter
+        switched off, so the reference costs one forward pass and no second copy of the
+        weights; see `set_reference`. Other loss_fn_inputs are ignored."""
+        return self._worker.submit(self._learner.reference_logprobs, data)
+
+    def set_reference(self, path: str | None = None) -> APIFuture[None]:
+        """Make the KL reference the base plus the adapter saved at `path` (a save_state or
+        save_weights_for_sampler path, e.g. the supervised warm start RL begins from), or the
+        base model again with None (local extension). Costs one copy of the adapter."""
+        return self._worker.submit(
+            self._learner.set_reference, None if path is None else Path(path)
+        )
+
     def forward_backward_custom(
         self, data: list[Datum], loss_fn: Callable, **_hosted_only: Any
     ) -> APIFuture[ForwardBackwardOutput]:
@@ -457,6 +473,12 @@ class TrainingClient:
 
     async def forward_backward_custom_async(self, *args, **kwargs):
         return self.forward_backward_custom(*args, **kwargs)
+
+    async def compute_reference_logprobs_async(self, *args, **kwargs):
+        return self.compute_reference_logprobs(*args, **kwargs)
+
+    async def set_reference_async(self, *args, **kwargs):
+        return self.set_reference(*args, **kwargs)
 
     async def optim_step_async(self, *args, **kwargs):
         return self.optim_step(*args, **kwargs)

@@ -39,6 +39,16 @@ SIZES = {
     # ~3.6B parameters: Qwen3-4B's layers (36 of 2560, MLP 9728) with rlkit's byte vocabulary.
     "4b": (2560, 9728, 36, 32, 8, 128),
 }
+
+
+def random_sequences(count: int = 4, length: int = 65) -> list[list[int]]:
+    """The benchmarks' batch: `count` seeded random byte-token sequences of `length` tokens."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 259, (length,), generator=generator).tolist() for _ in range(count)]
+
+
 VARIANTS = {
     "lora": {},
     "dora": {"use_dora": True},
@@ -86,10 +96,8 @@ def child(size: str, variant: str, rank: int, steps: int, device: str, dtype: st
     else:
         loaded = status("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    generator = torch.Generator().manual_seed(0)
     data = []
-    for _ in range(4):
-        tokens = torch.randint(3, 259, (65,), generator=generator).tolist()
+    for tokens in random_sequences():
         data.append(
             types.Datum(
                 model_input=types.ModelInput.from_ints(tokens[:-1]),

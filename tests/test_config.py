@@ -121,7 +121,7 @@ def test_every_field_has_a_comment_above_it():
         (
             ["+engine.kv_cache_gbi=1"],
             ConfigError,
-            "unknown engine.kv_cache_gbi for engine 'hf'; known: probe_tolerance$",
+            "unknown engine.kv_cache_gbi for engine 'hf'; known: probe_tolerance, batch_rows$",
         ),
         (
             ["engine=vllm", "engine.gpu_memory_utilization=2"],

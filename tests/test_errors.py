@@ -102,7 +102,8 @@ def test_empty_inputs(trainer):
 
 def test_unknown_loss_lists_the_known_ones(trainer):
     with pytest.raises(
-        UnknownLossError, match="known losses: cispo, cross_entropy, dro, importance_sampling, ppo"
+        UnknownLossError,
+        match="known losses: cispo, cross_entropy, dro, gspo, importance_sampling, ppo",
     ):
         trainer.forward_backward([datum()], "grpo").result()
 

@@ -15,7 +15,9 @@ A = torch.tensor([2.0, -1.0, 0.5])  # advantages
 
 def total(name, logprobs=LP, **config):
     spec = losses.get_loss(name)
-    inputs = {"logprobs": Q, "advantages": A, "weights": torch.tensor([0.0, 1.0, 1.0])}
+    inputs = {"logprobs": Q, "advantages": A}
+    if name == "cross_entropy":
+        inputs = {"weights": torch.tensor([0.0, 1.0, 1.0])}
     return float(spec.fn(logprobs, inputs, **spec.resolve_config(name, config)).sum())
 
 

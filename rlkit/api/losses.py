@@ -6,8 +6,20 @@ never a mean. Each function gets `logprobs`, the learner's log-probability of ea
 `loss_fn_config`; it returns the per-token loss. Notation in the formulas below:
 `ratio = exp(logprobs - inputs["logprobs"])`, the learner-to-sampler probability ratio.
 
-Add a loss with `@register_loss("name", inputs=(...), **config_defaults)`; a name registered twice
-is an error. loss_fn_config values are thresholds, caps and coefficients: finite numbers >= 0.
+Policy-gradient losses (`register_policy_loss`) share options on top of their own term:
+- `weights` (optional input): each token's weight in the sum (0 on prompt and environment
+  tokens; 1/length for a sequence mean, ...). Absent: every token weighs 1.
+- `old_logprobs` (optional input): the trainer's logprobs before the first of several updates
+  on one batch; ratios are then to this old policy, times the sampler correction
+  exp(old - sampler) (capped by `tis_cap` where the loss has one).
+- `kl_coef`, `kl_estimator`, with input `ref_logprobs` (the base model's): a KL penalty to the
+  reference, `kl_coef * k(logprobs, ref_logprobs)` per token (estimators: `kl_penalty`).
+- `entropy_coef`: an entropy bonus, `-entropy_coef * H(token distribution)`; the learner
+  computes H from the logits when the coefficient is > 0.
+
+Add a loss with `@register_loss("name", inputs=(...), **config_defaults)` (or
+`register_policy_loss`); a name registered twice is an error. loss_fn_config values are
+thresholds, caps and coefficients (finite numbers >= 0), or one of a key's named choices.
 """
 
 from __future__ import annotations
@@ -22,6 +34,28 @@ from rlkit.api.errors import UnknownLossError
 
 LossFn = Callable[..., torch.Tensor]
 
+# KL estimators, as functions of d = ref_logprob - logprob on tokens sampled from the policy
+# (Schulman, "Approximating KL divergence", 2020): all estimate KL(policy || ref).
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(policy || ref) estimate. k1 = -d (unbiased, its gradient is 0 in
+    expectation: use it in the reward, not the loss); k2 = d^2 / 2; k3 = exp(d) - 1 - d (unbiased,
+    low variance, >= 0); low_var_kl = k3 with d clamped to [-20, 20] and the estimate to
+    [-10, 10] (verl's name and clamps)."""
+    d = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    if estimator == "k3":
+        return torch.expm1(d) - d
+    if estimator == "low_var_kl":
+        d = d.clamp(-20, 20)
+        return (torch.expm1(d) - d).clamp(-10, 10)
+    raise ValueError(f"unknown kl_estimator {estimator!r}; known: {', '.join(KL_ESTIMATORS)}")
+
 
 @dataclass(frozen=True)
 class LossSpec:
@@ -29,9 +63,17 @@ class LossSpec:
     # loss_fn_inputs the loss reads, besides target_tokens (always required).
     inputs: tuple[str, ...]
     # loss_fn_config keys the loss accepts, with their defaults.
-    defaults: dict[str, float] = field(default_factory=dict)
+    defaults: dict[str, float | str] = field(default_factory=dict)
+    # loss_fn_inputs it reads when given.
+    optional: tuple[str, ...] = ()
+    # loss_fn_config keys whose value is a name, with the names allowed.
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
-    def resolve_config(self, name: str, config: dict | None) -> dict[str, float]:
+    @property
+    def is_policy_loss(self) -> bool:
+        return "advantages" in self.inputs
+
+    def resolve_config(self, name: str, config: dict | None) -> dict[str, float | str]:
         config = dict(config or {})
         unknown = sorted(set(config) - set(self.defaults))
         if unknown:
@@ -39,9 +81,23 @@ class LossSpec:
                 f"loss {name!r} got unknown loss_fn_config keys {unknown}; "
                 f"it accepts {sorted(self.defaults) or 'none'}"
             )
-        resolved = {**self.defaults, **{k: float(v) for k, v in config.items()}}
-        for key, value in resolved.items():
-            if not 0 <= value < math.inf:
+        resolved: dict[str, float | str] = dict(self.defaults)
+        for key, value in config.items():
+            if key in self.choices:
+                if value not in self.choices[key]:
+                    raise ValueError(
+                        f"loss {name!r}: loss_fn_config {key}={value!r} is not one of "
+                        f"{', '.join(self.choices[key])}"
+                    )
+                resolved[key] = value
+                continue
+            try:
+                resolved[key] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"loss {name!r}: loss_fn_config {key}={value!r} must be a number"
+                ) from None
+            if not 0 <= resolved[key] < math.inf:
                 raise ValueError(
                     f"loss {name!r}: loss_fn_config {key}={value} must be a finite number >= 0"
                 )
@@ -53,15 +109,75 @@ class LossSpec:
             )
         return resolved
 
+    def required_inputs(self, config: dict) -> set[str]:
+        """The loss_fn_inputs a datum must carry under the resolved `config`."""
+        required = {"target_tokens", *self.inputs}
+        if config.get("kl_coef"):
+            required |= {"ref_logprobs", "weights"}  # weights say which tokens are the model's
+        if config.get("entropy_coef"):
+            required.add("weights")
+        return required
+
+    def needs_entropy(self, config: dict) -> bool:
+        return bool(config.get("entropy_coef"))
+
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, inputs: tuple[str, ...], **defaults: float):
+def register_loss(
+    name: str,
+    inputs: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    choices: dict[str, tuple[str, ...]] | None = None,
+    **defaults: float | str,
+):
     def decorate(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
-        LOSSES[name] = LossSpec(fn=fn, inputs=inputs, defaults=defaults)
+        LOSSES[name] = LossSpec(fn, inputs, defaults, optional, choices or {})
+        return fn
+
+    return decorate
+
+
+# The options every policy-gradient loss has (see the module docstring).
+POLICY_DEFAULTS: dict[str, float | str] = {
+    "kl_coef": 0.0,
+    "kl_estimator": "k3",
+    "entropy_coef": 0.0,
+}
+
+
+def register_policy_loss(name: str, requires: tuple[str, ...] = (), **defaults: float):
+    """Register `fn(logprobs, inputs, **own_config) -> per-token policy term` as a loss with the
+    shared options: token weights, old-policy logprobs, KL to a reference, entropy bonus.
+    `requires`: optional inputs this loss cannot do without."""
+
+    def decorate(fn: LossFn) -> LossFn:
+        def loss(logprobs, inputs, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, **config):
+            per_token = fn(logprobs, inputs, **config)
+            if kl_coef:
+                per_token = per_token + kl_coef * kl_penalty(
+                    logprobs, inputs["ref_logprobs"], kl_estimator
+                )
+            if entropy_coef:
+                per_token = per_token - entropy_coef * inputs["entropy"]
+            if "weights" in inputs:
+                per_token = per_token * inputs["weights"]
+            return per_token
+
+        loss.__doc__, loss.__name__ = fn.__doc__, fn.__name__
+        register_loss(
+            name,
+            inputs=("logprobs", "advantages", *requires),
+            optional=tuple(
+                k for k in ("weights", "old_logprobs", "ref_logprobs") if k not in requires
+            ),
+            choices={"kl_estimator": KL_ESTIMATORS},
+            **defaults,
+            **POLICY_DEFAULTS,
+        )(loss)
         return fn
 
     return decorate
@@ -92,59 +208,80 @@ def tis_capped(logprob_gap: torch.Tensor, tis_cap: float) -> torch.Tensor:
     return logprob_gap.exp() > tis_cap
 
 
-def _split_ratio(logprobs, sampler_logprobs, tis_cap: float):
+def _split_ratio(logprobs, inputs, tis_cap: float):
     """(ratio, token weight) for the IS losses.
 
+    Without `old_logprobs` (one optimizer step per batch of rollouts):
     tis_cap = 0: ratio = trainer/sampler, weight 1 (plain importance sampling).
     tis_cap > 0, truncated importance sampling (TIS): the sampler-to-old-trainer mismatch is
     taken out of the ratio and capped: weight = min(exp(old - sampler), tis_cap), ratio =
-    exp(logprobs - old). The old policy is the trainer's logprobs before this update, i.e.
-    `logprobs.detach()`: exact for one optimizer step per batch of rollouts, as rlkit's trainer
-    does. Same value and gradient as tis_cap = 0 wherever the cap does not bite.
+    exp(logprobs - old), the old policy being `logprobs.detach()`: exact for one update. Same
+    value and gradient as tis_cap = 0 wherever the cap does not bite.
+    With `old_logprobs` (several updates on one batch): ratio = exp(logprobs - old_logprobs),
+    weight = exp(old_logprobs - sampler), capped at tis_cap when tis_cap > 0.
     """
-    if not tis_cap:
-        return _ratio(logprobs, sampler_logprobs), 1.0
-    old = logprobs.detach()
-    weight = torch.exp(old - sampler_logprobs).clamp(max=tis_cap)
+    sampler_logprobs = inputs["logprobs"]
+    old = inputs.get("old_logprobs")
+    if old is None:
+        if not tis_cap:
+            return _ratio(logprobs, sampler_logprobs), 1.0
+        old = logprobs.detach()
+    weight = torch.exp(old - sampler_logprobs)
+    if tis_cap:
+        weight = weight.clamp(max=tis_cap)
     return torch.exp(logprobs - old), weight
 
 
-@register_loss("importance_sampling", inputs=("logprobs", "advantages"), tis_cap=0.0)
+@register_policy_loss("importance_sampling", tis_cap=0.0)
 def importance_sampling(logprobs, inputs, tis_cap=0.0):
     """REINFORCE corrected for the sampler: -ratio * advantages (tis_cap: see _split_ratio)."""
-    ratio, weight = _split_ratio(logprobs, inputs["logprobs"], tis_cap)
+    ratio, weight = _split_ratio(logprobs, inputs, tis_cap)
     return -weight * ratio * inputs["advantages"]
 
 
-@register_loss(
-    "ppo",
-    inputs=("logprobs", "advantages"),
-    clip_low_threshold=0.8,
-    clip_high_threshold=1.2,
-    tis_cap=0.0,
-)
+# clip_high_threshold above 1 + (1 - clip_low_threshold) is DAPO's clip-higher (e.g. 0.8 / 1.28).
+@register_policy_loss("ppo", clip_low_threshold=0.8, clip_high_threshold=1.2, tis_cap=0.0)
 def ppo(logprobs, inputs, clip_low_threshold, clip_high_threshold, tis_cap=0.0):
     """Clipped surrogate: -min(ratio * A, clip(ratio, low, high) * A), thresholds on the ratio
-    (with tis_cap > 0 the ratio is to the old trainer policy, times the capped TIS weight)."""
-    ratio, weight = _split_ratio(logprobs, inputs["logprobs"], tis_cap)
+    (with tis_cap > 0 or old_logprobs the ratio is to the old trainer policy, times the TIS
+    weight)."""
+    ratio, weight = _split_ratio(logprobs, inputs, tis_cap)
     advantages = inputs["advantages"]
     clipped = ratio.clamp(clip_low_threshold, clip_high_threshold)
     return -weight * torch.minimum(ratio * advantages, clipped * advantages)
 
 
-@register_loss(
-    "cispo", inputs=("logprobs", "advantages"), clip_low_threshold=0.8, clip_high_threshold=1.2
-)
+@register_policy_loss("cispo", clip_low_threshold=0.8, clip_high_threshold=1.2)
 def cispo(logprobs, inputs, clip_low_threshold, clip_high_threshold):
-    """Clipped IS weight as a constant coefficient: -sg(clip(ratio)) * logprobs * A."""
-    ratio = _ratio(logprobs, inputs["logprobs"])
-    weight = ratio.clamp(clip_low_threshold, clip_high_threshold).detach()
+    """Clipped IS weight as a constant coefficient: -sg(clip(ratio)) * logprobs * A (with
+    old_logprobs: sg(clip(ratio to old) * exp(old - sampler)))."""
+    ratio, correction = _split_ratio(logprobs, inputs, 0.0)
+    weight = (ratio.clamp(clip_low_threshold, clip_high_threshold) * correction).detach()
     return -weight * logprobs * inputs["advantages"]
 
 
 # beta's default is rlkit's choice; the hosted service documents the key but not a default.
-@register_loss("dro", inputs=("logprobs", "advantages"), beta=0.05)
+@register_policy_loss("dro", beta=0.05)
 def dro(logprobs, inputs, beta):
     """Direct reward optimisation: -(logprobs * A - beta/2 * (logprobs - sampler_logprobs)^2)."""
     drift = logprobs - inputs["logprobs"]
     return -(logprobs * inputs["advantages"] - 0.5 * beta * drift.square())
+
+
+# Defaults from the GSPO paper (Zheng et al., 2025, section 5.1): clip range 3e-4 / 4e-4.
+@register_policy_loss(
+    "gspo", requires=("weights",), clip_low_threshold=1 - 3e-4, clip_high_threshold=1 + 4e-4
+)
+def gspo(logprobs, inputs, clip_low_threshold, clip_high_threshold):
+    """Sequence-level ratio s = exp(mean over the model's tokens of (logprobs - old)), old being
+    old_logprobs or the sampler's; -min(s * A, clip(s, low, high) * A), written per token as
+    GSPO-token: s_t = sg(s) * exp(logprobs - sg(logprobs)) (value s, gradient s * grad
+    logprobs_t). With weights 1/length (loss.aggregation=sequence_mean) the datum's sum is the
+    paper's per-sequence objective. The model's tokens are those with weight > 0."""
+    old = inputs.get("old_logprobs", inputs["logprobs"])
+    mask = (inputs["weights"] > 0).to(logprobs.dtype)
+    log_s = ((logprobs - old) * mask).sum() / mask.sum().clamp(min=1)
+    s_t = torch.exp(log_s.detach() + logprobs - logprobs.detach())
+    advantages = inputs["advantages"]
+    clipped = s_t.clamp(clip_low_threshold, clip_high_threshold)
+    return -torch.minimum(s_t * advantages, clipped * advantages)

@@ -37,7 +37,9 @@ def _check_ids(where: str, ids: torch.Tensor, vocab_size: int) -> None:
         )
 
 
-def _to_sequence(i: int, datum: Datum, spec: LossSpec, loss_fn: str, vocab_size: int) -> TokenRow:
+def _to_sequence(
+    i: int, datum: Datum, spec: LossSpec, loss_fn: str, vocab_size: int, config: dict
+) -> TokenRow:
     where = f"datum {i}"
     if not hasattr(datum, "model_input") or not hasattr(datum, "loss_fn_inputs"):
         raise InvalidDatumError(f"{where} is a {type(datum).__name__}, not a Datum")
@@ -47,18 +49,21 @@ def _to_sequence(i: int, datum: Datum, spec: LossSpec, loss_fn: str, vocab_size:
         raise InvalidDatumError(f"{where}: model_input is empty")
     _check_ids(f"{where}: model_input", tokens, vocab_size)
 
-    required = {"target_tokens", *spec.inputs}
+    required = spec.required_inputs(config)
     given = set(datum.loss_fn_inputs)
     if missing := sorted(required - given):
-        raise InvalidDatumError(f"{where}: loss {loss_fn!r} needs loss_fn_inputs {missing}")
-    if unknown := sorted(given - required):
+        why = " (with this loss_fn_config)" if required != {"target_tokens", *spec.inputs} else ""
+        raise InvalidDatumError(f"{where}: loss {loss_fn!r} needs loss_fn_inputs {missing}{why}")
+    allowed = required | set(spec.optional)
+    if unknown := sorted(given - allowed):
         raise InvalidDatumError(
             f"{where}: loss {loss_fn!r} does not use loss_fn_inputs {unknown}; "
             f"it takes {sorted(required)}"
+            + (f" and optionally {sorted(set(spec.optional) - required)}" if spec.optional else "")
         )
 
     tensors = {}
-    for key in sorted(required):
+    for key in sorted(given & allowed):
         value = to_tensor_data(datum.loss_fn_inputs[key]).to_torch()
         if value.dim() != 1 or value.shape[0] != n:
             raise InvalidDatumError(
@@ -84,12 +89,15 @@ def _to_sequence(i: int, datum: Datum, spec: LossSpec, loss_fn: str, vocab_size:
     return TokenRow(tokens=tokens, targets=targets, inputs=inputs)
 
 
-def to_rows(datums, spec: LossSpec, loss_fn: str, vocab_size: int) -> list[TokenRow]:
+def to_rows(
+    datums, spec: LossSpec, loss_fn: str, vocab_size: int, config: dict | None = None
+) -> list[TokenRow]:
     if not isinstance(datums, list | tuple):
         raise InvalidDatumError(f"expected a list of Datum, got {type(datums).__name__}")
     if not datums:
         raise InvalidDatumError("got an empty list of datums; pass at least one Datum")
-    return [_to_sequence(i, d, spec, loss_fn, vocab_size) for i, d in enumerate(datums)]
+    config = config or {}
+    return [_to_sequence(i, d, spec, loss_fn, vocab_size, config) for i, d in enumerate(datums)]
 
 
 def microbatches(seqs: list[TokenRow], max_tokens: int) -> list[list[int]]:

@@ -6,6 +6,7 @@ is thread-safe on its own.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -21,10 +22,11 @@ from safetensors.torch import load_file
 
 from rlkit.api.adapter import AdapterSpec
 from rlkit.api.errors import NoGradientsError, RlkitError
-from rlkit.api.losses import get_loss
+from rlkit.api.losses import LossSpec, get_loss
 from rlkit.api.quant import QuantizationUnavailable, QuantSpec, check_available
 from rlkit.api.types import (
     AdamParams,
+    Datum,
     ForwardBackwardOutput,
     OptimStepResponse,
     SampledSequence,
@@ -83,30 +85,99 @@ class Learner:
         self.probe_tokens = probe_tokens(self.vocab_size)
         self._engine_instance: Engine | None = None  # built on first sync
         self._served: Snapshot | None = None  # what the engine served before the last sync
+        # The KL reference's adapter weights; None: the base model (the adapter switched off).
+        self._reference: dict[str, torch.Tensor] | None = None
 
     # ---- forward / backward -------------------------------------------------------------
-    def _logprobs(self, seqs: list[TokenRow]) -> list[torch.Tensor]:
+    def _logprobs(self, seqs: list[TokenRow], entropy: list | None = None) -> list[torch.Tensor]:
+        """Each row's logprob of its targets; with a list as `entropy`, each row's per-position
+        entropy of the predicted distribution is appended to it."""
         tokens, targets, mask = (t.to(self.device) for t in pad(seqs, self.tokenizer.pad_token_id))
         logits = self.model(input_ids=tokens, attention_mask=mask).logits.float()
         flat = -torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), reduction="none"
         )
         per_token = flat.view(targets.shape)
+        if entropy is not None:
+            logp = torch.log_softmax(logits, dim=-1)
+            h = -(logp.exp() * logp).sum(-1)
+            entropy += [h[row, : s.length] for row, s in enumerate(seqs)]
         return [per_token[row, : s.length] for row, s in enumerate(seqs)]
+
+    @torch.no_grad()
+    def reference_logprobs(self, datums) -> list[TensorData]:
+        """Each datum's target-token logprobs under the KL reference (see `set_reference`): this
+        model with its adapter switched off or swapped for the reference's, so the reference
+        costs one forward pass and no second copy of the base."""
+        plain = [
+            Datum(d.model_input, {"target_tokens": d.loss_fn_inputs["target_tokens"]})
+            for d in datums
+        ]
+        seqs = to_rows(plain, LossSpec(fn=None, inputs=()), "reference", self.vocab_size)
+        training = self.model.training
+        self.model.eval()
+        out: list[TensorData] = [None] * len(seqs)  # type: ignore[list-item]
+        try:
+            with self._as_reference():
+                for group in microbatches(seqs, self.tokens_per_microbatch):
+                    lps = self._logprobs([seqs[i] for i in group])
+                    for i, lp in zip(group, lps, strict=True):
+                        out[i] = TensorData.from_torch(lp.float().cpu())
+        finally:
+            self.model.train(training)
+        return out
+
+    @torch.no_grad()
+    def set_reference(self, path: Path | None) -> None:
+        """The KL reference: the base model (None), or the base plus the adapter saved at
+        `path` (by save_state or save_weights_for_sampler; same base and rank as this one)."""
+        if path is None:
+            self._reference = None
+            return
+        current = self._weights()
+        try:
+            self._load_weights(path, read_state(path))
+            self._reference = self._weights()
+        finally:
+            self._put(current)
+
+    @contextlib.contextmanager
+    def _as_reference(self):
+        if self._reference is None:
+            with self.model.disable_adapter():
+                yield
+            return
+        current = self._weights()
+        self._put(self._reference)
+        try:
+            yield
+        finally:
+            self._put(current)  # bitwise: copies, no arithmetic
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.params.items()}
+
+    @torch.no_grad()
+    def _put(self, weights: dict[str, torch.Tensor]) -> None:
+        for name, p in self.params.items():
+            p.copy_(weights[name])
 
     def forward(self, datums, loss_fn: str, loss_fn_config: dict | None, backward: bool):
         spec = get_loss(loss_fn)
         config = spec.resolve_config(loss_fn, loss_fn_config)
-        seqs = to_rows(datums, spec, loss_fn, self.vocab_size)
+        seqs = to_rows(datums, spec, loss_fn, self.vocab_size, config)
         outputs: list[dict[str, TensorData]] = [{} for _ in seqs]
         total = 0.0
         self.model.train(backward)
         for group in microbatches(seqs, self.tokens_per_microbatch):
             with torch.set_grad_enabled(backward):
-                logprobs = self._logprobs([seqs[i] for i in group])
+                entropy = [] if spec.needs_entropy(config) else None
+                logprobs = self._logprobs([seqs[i] for i in group], entropy)
                 losses = []
-                for i, lp in zip(group, logprobs, strict=True):
+                for j, (i, lp) in enumerate(zip(group, logprobs, strict=True)):
                     inputs = {k: v.to(self.device) for k, v in seqs[i].inputs.items()}
+                    if entropy is not None:
+                        inputs["entropy"] = entropy[j]
                     elementwise = spec.fn(lp, inputs, **config)
                     losses.append(elementwise.sum())
                     outputs[i] = {
@@ -156,8 +227,7 @@ class Learner:
     # ---- weights for sampling -----------------------------------------------------------
     def snapshot(self) -> Snapshot:
         """The adapter as it is now, plus the trainer's logprobs on the probe tokens under it."""
-        tensors = {name: p.detach().clone() for name, p in self.params.items()}
-        return Snapshot(tensors, self._probe_logprobs())
+        return Snapshot(self._weights(), self._probe_logprobs())
 
     @torch.no_grad()
     def _probe_logprobs(self) -> torch.Tensor:
@@ -238,12 +308,6 @@ class Learner:
 
     def load(self, path: Path, with_optimizer: bool) -> None:
         state = read_state(path)
-        if state["base_model"] != self.base_model or state["adapter"]["rank"] != self.spec.rank:
-            raise RlkitError(
-                f"checkpoint {path} is for base_model={state['base_model']!r} "
-                f"rank={state['adapter']['rank']}, but this client has "
-                f"base_model={self.base_model!r} rank={self.spec.rank}"
-            )
         optimizer_state = None
         if with_optimizer:  # read first: a file that is refused leaves the model untouched
             opt_file = path / OPTIMIZER_FILE
@@ -251,15 +315,24 @@ class Learner:
                 raise RlkitError(f"checkpoint {path} has no optimizer state (saved for sampler?)")
             # weights_only: tensors and plain containers; any other pickled object is refused.
             optimizer_state = torch.load(opt_file, map_location=self.device, weights_only=True)
-        weights = load_file(path / "adapter_model.safetensors", device=str(self.device))
-        result = set_peft_model_state_dict(self.model, weights)
-        if result.unexpected_keys:
-            raise RlkitError(f"checkpoint {path} has unexpected tensors {result.unexpected_keys}")
+        self._load_weights(path, state)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         self.step = state["step"]
         self.optimizer.zero_grad(set_to_none=True)
         self.pending_datums = 0
+
+    def _load_weights(self, path: Path, state: dict) -> None:
+        if state["base_model"] != self.base_model or state["adapter"]["rank"] != self.spec.rank:
+            raise RlkitError(
+                f"checkpoint {path} is for base_model={state['base_model']!r} "
+                f"rank={state['adapter']['rank']}, but this client has "
+                f"base_model={self.base_model!r} rank={self.spec.rank}"
+            )
+        weights = load_file(path / "adapter_model.safetensors", device=str(self.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        if result.unexpected_keys:
+            raise RlkitError(f"checkpoint {path} has unexpected tensors {result.unexpected_keys}")
 
 
 def _engine_for(settings: EngineSettings, quant: QuantSpec) -> EngineSettings:

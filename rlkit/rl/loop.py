@@ -4,11 +4,15 @@ Each step: sample `groups_per_step` problems x `group_size` episodes (one model 
 several turns with the environment's observations between them); score them with the reward list; turn each group's rewards into advantages; build datums (prompt tokens carry no
 advantage); `forward_backward` + `optim_step`; hand the new weights to a fresh sampler; log.
 
-How it deviates from textbook GRPO:
-- No KL penalty to a reference model and no entropy bonus.
+How it deviates from textbook GRPO, by default (each is one config line away):
+- No KL penalty (`kl.coef`; its reference is the policy RL starts from, i.e. the warm start's
+  adapter, or the base model with the adapter switched off) and no entropy bonus
+  (`loss.entropy_coef`).
 - Strictly on-policy: one optimizer step per batch of rollouts, so the importance ratio is 1 up
-  to sampler/trainer numerics (its drift is logged as `train/logprob_mismatch`).
-- Losses are sums over tokens (the API's semantics), not per-sequence means.
+  to sampler/trainer numerics (its drift is logged as `train/logprob_mismatch`);
+  `updates_per_batch` / `minibatches` take several (rlkit.rl.update).
+- Losses are sums over tokens (the API's semantics), not per-sequence means
+  (`loss.aggregation`).
 - Groups whose rewards are all equal carry no signal: they are counted and skipped.
 
 Runs are bitwise reproducible and resumable (`resume=auto`): randomness derives from (seed, step,
@@ -29,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from rlkit.api import types
 from rlkit.rl import sft
@@ -38,7 +42,6 @@ from rlkit.rl.rollouts import (
     Share,
     evaluate,
     group_datums,
-    logprob_gaps,
     merge,
     mismatch_metrics,
     rollout_metrics,
@@ -46,9 +49,11 @@ from rlkit.rl.rollouts import (
     sample_records,
     score_groups,
 )
+from rlkit.rl.shaping import attach_reference, shape_rewards
+from rlkit.rl.update import policy_update
 from rlkit.run import seeds
-from rlkit.run.checkpoint import stop_on_signals
-from rlkit.run.config import adam_params, as_callable
+from rlkit.run.checkpoint import stop_on_signals, take
+from rlkit.run.config import adam_params, as_callable, loss_fn_config
 from rlkit.run.outputs import progress_bar, timed
 from rlkit.run.session import Session
 
@@ -71,7 +76,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     rewards = build_rewards(cfg.reward)
     advantage_fn = as_callable(cfg.advantage, "advantage")
     adam = adam_params(cfg.optim)
-    loss_config = OmegaConf.to_container(cfg.loss.config)
+    loss_config = loss_fn_config(cfg)  # loss.config, plus the KL and entropy terms if on
     params = types.SamplingParams(
         max_tokens=cfg.max_tokens, temperature=cfg.temperature, stop=list(cfg.stop) or None
     )
@@ -79,7 +84,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         trainer, tokenizer = run.trainer, run.trainer.get_tokenizer()
         procs = run.processes  # this process's rank among N (N = 1 without a launcher)
         if cfg.warmup.steps and not run.resumed.path:
-            warm_start(run, env)
+            warm_start(run, env)  # leaves its adapter in checkpoints/warm_start
+        if cfg.kl.coef:
+            trainer.set_reference(kl_reference(cfg, run)).result()
         sampler = trainer.save_weights_and_get_sampling_client()
         for step in run.steps():  # checkpoints when due; ends early on Ctrl-C / SIGTERM
             metrics = {"step": step}
@@ -108,7 +115,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 )
 
             with timed(metrics, "time/score"):
+                if cfg.kl.coef:  # the reference's logprobs: one forward pass
+                    attach_reference(trainer, groups, str(cfg.kl.estimator))
                 scores = score_groups(groups, rewards, cfg.on_reward_error, step, procs)
+                shape_rewards(cfg, env, groups, scores)  # KL in the reward, overlong penalty
                 datums_D, skipped = [], 0
                 for group, group_scores in zip(groups, scores, strict=True):
                     if group_scores is None:
@@ -117,7 +127,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                     if torch.all(rewards_G == rewards_G[0]):
                         skipped += 1  # all equal: no signal
                         continue
-                    datums_D += group_datums(group, advantage_fn(rewards_G))
+                    datums_D += group_datums(
+                        group, advantage_fn(rewards_G), cfg.overlong.mode == "mask"
+                    )
             share = Share(mine, groups, scores, skipped)
 
             metrics |= dict.fromkeys(TRAIN_KEYS)
@@ -125,13 +137,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 # The optimizer steps when any process has datums; its gradients are their sum.
                 if procs.sum(len(datums_D), "datum count"):
                     lr = learning_rate(cfg, step)
-                    if datums_D:  # a process without any joins the step with zero gradients
-                        out = trainer.forward_backward(datums_D, cfg.loss.name, loss_config)
-                    optim = trainer.optim_step(replace(adam, learning_rate=lr))
-                    if datums_D:
-                        share.loss = out.result().metrics["loss:sum"]
-                        share.gaps = logprob_gaps(datums_D, out.result().loss_fn_outputs)
-                    metrics["train/grad_norm"] = optim.result().metrics["grad_norm"]
+                    # A process without datums joins each optimizer step with zero gradients.
+                    update = policy_update(
+                        trainer,
+                        datums_D,
+                        cfg.loss.name,
+                        loss_config,
+                        replace(adam, learning_rate=lr),
+                        updates_per_batch=cfg.updates_per_batch,
+                        minibatches=cfg.minibatches,
+                        aggregation=str(cfg.loss.aggregation),
+                        max_tokens=cfg.max_tokens * env.max_turns,
+                        seed=cfg.seed,
+                        step=step,
+                        procs=procs,
+                    )
+                    share.loss, share.gaps = update.loss, update.gaps
+                    metrics["train/grad_norm"] = update.grad_norm
                     metrics["train/lr"] = lr
 
             with timed(metrics, "time/sync"):
@@ -212,6 +234,31 @@ def warm_start(run: Session, env) -> None:
     run.metrics_out.write(
         {"step": -1, "sft/final_loss": losses[-1], "time/warmup": time.time() - t0}
     )
+    if run.processes.is_main:
+        saved = run.trainer.save_weights_for_sampler(WARM_START).result().path
+        take(saved, warm_start_path(run), run.checkpoints.dir)
+    run.processes.sum(0, "warm start saved")  # the others read it for the KL reference
+
+
+WARM_START = "warm_start"
+
+
+def warm_start_path(run: Session) -> Path:
+    return run.checkpoints.dir / WARM_START
+
+
+def kl_reference(cfg: DictConfig, run: Session) -> str | None:
+    """The KL reference's adapter: the warm start's (kl.reference=start, when there was one),
+    or None, the base model."""
+    path = warm_start_path(run)
+    if cfg.kl.reference == "base" or not cfg.warmup.steps:
+        return None
+    if not path.exists():
+        raise FileNotFoundError(
+            f"kl.reference=start: the warm start's adapter is missing from {path} (a run dir "
+            "from before rlkit saved it?); set kl.reference=base or start a new run"
+        )
+    return str(path)
 
 
 def learning_rate(cfg: DictConfig, step: int) -> float:

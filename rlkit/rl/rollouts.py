@@ -36,8 +36,15 @@ class Episode:
     turns: int = 0
     # What the environment raised, when on_env_error=skip.
     error: str | None = None
+    # A model turn ended at max_tokens rather than at a stop.
+    truncated: bool = False
+    # The base model's logprob of each token (when a KL penalty asks for it).
+    ref_logprobs: list[float] | None = None
+    # Sum over the model's tokens of the KL(policy || base) estimate (when asked for).
+    kl_ref: float | None = None
 
     def act(self, sequence: types.SampledSequence, tokenizer) -> None:
+        self.truncated |= sequence.stop_reason == "length"
         self.tokens += sequence.tokens
         self.logprobs += sequence.logprobs
         self.model_mask += [True] * len(sequence.tokens)
@@ -185,22 +192,28 @@ def score_groups(
     return scores_P
 
 
-def group_datums(group: Group, advantages_G: torch.Tensor) -> list[types.Datum]:
+def group_datums(
+    group: Group, advantages_G: torch.Tensor, mask_truncated: bool = False
+) -> list[types.Datum]:
     """One datum per episode: the sampler's logprobs, and the advantage on the model's tokens
-    only (the prompt and the environment's observations carry none)."""
+    only (the prompt and the environment's observations carry none); `weights` 1 on the model's
+    tokens and 0 elsewhere (0 throughout a truncated episode with `mask_truncated`), and the
+    base model's logprobs when the episode has them."""
     datums = []
     n_prompt = len(group.prompt) - 1
     for episode, adv in zip(group.episodes, advantages_G.tolist(), strict=True):
         tokens = group.prompt + episode.tokens
+        keep = not (mask_truncated and episode.truncated)
+        inputs = {
+            "target_tokens": tokens[1:],
+            "logprobs": [0.0] * n_prompt + episode.logprobs,
+            "advantages": [0.0] * n_prompt + [adv * m for m in episode.model_mask],
+            "weights": [0.0] * n_prompt + [float(m and keep) for m in episode.model_mask],
+        }
+        if episode.ref_logprobs is not None:
+            inputs["ref_logprobs"] = [0.0] * n_prompt + episode.ref_logprobs
         datums.append(
-            types.Datum(
-                model_input=types.ModelInput.from_ints(tokens[:-1]),
-                loss_fn_inputs={
-                    "target_tokens": tokens[1:],
-                    "logprobs": [0.0] * n_prompt + episode.logprobs,
-                    "advantages": [0.0] * n_prompt + [adv * m for m in episode.model_mask],
-                },
-            )
+            types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
         )
     return datums
 
@@ -228,6 +241,12 @@ def rollout_metrics(groups_P: list[Group], scores_P: list, env: Env) -> dict[str
     }
     if env.max_turns > 1:
         metrics["train/turns"] = mean(e.turns for _, e in episodes)
+    metrics["train/truncated_frac"] = mean(e.truncated for _, e in episodes)
+    if any(e.kl_ref is not None for _, e in episodes):
+        # Per-token KL(policy || base) estimate, with the configured estimator.
+        metrics["train/kl_ref"] = sum(e.kl_ref for _, e in episodes) / max(
+            sum(sum(e.model_mask) for _, e in episodes), 1
+        )
     return metrics | env_metrics(env, episodes, "env")
 
 

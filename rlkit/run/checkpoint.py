@@ -12,6 +12,10 @@ A checkpoint is `RUN_DIR/checkpoints/step_NNNNNN/`: everything needed to go on f
     checksums.json       sha256 of every file above; written last: a checkpoint is complete when
                          it exists and every file matches
 
+The supervised warm start (`warmup.steps`), when there is one, leaves its adapter in
+`RUN_DIR/checkpoints/warm_start/` (save_weights_for_sampler's format): the policy RL starts
+from, and the KL penalty's reference (`kl.reference=start`), also after a resume.
+
 Problems and sampling seeds are derived from (seed, step, ...) (see rlkit.run.seeds), so there is no
 data position to save: the step is the position.
 

@@ -57,6 +57,36 @@ class Resume(StrEnum):
     auto = "auto"  # continue from its newest complete checkpoint, if any
 
 
+class KLEstimator(StrEnum):
+    k1 = "k1"  # logprob - ref: unbiased; in the loss its gradient is 0 in expectation
+    k2 = "k2"  # (logprob - ref)^2 / 2
+    k3 = "k3"  # exp(ref - logprob) - 1 - (ref - logprob): unbiased, low variance, >= 0
+    low_var_kl = "low_var_kl"  # k3, clamped (verl's name)
+
+
+class KLPlacement(StrEnum):
+    loss = "loss"  # kl.coef * estimate per token, differentiated (GRPO's)
+    reward = "reward"  # -kl.coef * (sequence's summed estimate) added to its reward (PPO-RLHF's)
+
+
+class KLReference(StrEnum):
+    start = "start"  # the policy RL starts from: the warm start's adapter, else the base model
+    base = "base"  # the base model (the adapter switched off), even after a warm start
+
+
+class Aggregation(StrEnum):
+    token_sum = "token_sum"  # sum over tokens (the API's semantics)
+    token_mean = "token_mean"  # mean over the minibatch's tokens (DAPO)
+    sequence_mean = "sequence_mean"  # mean over sequences of their token mean (GRPO, GSPO)
+    constant = "constant"  # sum / (max_tokens x sequences) (Dr. GRPO)
+
+
+class OverlongMode(StrEnum):
+    keep = "keep"  # truncated completions train like any other
+    mask = "mask"  # truncated completions are left out of the loss (DAPO's overlong filtering)
+    penalty = "penalty"  # DAPO's soft overlong punishment, added to the reward
+
+
 # raise: stop the run, naming the reward; skip: count the group in train/failed_reward_groups
 # and skip it. (`raise` is a keyword, hence the functional form: the schema matches by name.)
 OnRewardError = StrEnum("OnRewardError", {"raise": "raise", "skip": "skip"})
@@ -113,6 +143,33 @@ class LossConfig:
     name: str = "importance_sampling"
     # loss_fn_config passed to forward_backward (e.g. clip thresholds).
     config: dict[str, float] = field(default_factory=dict)
+    # Each token's weight in the loss: token_sum, token_mean, sequence_mean, constant.
+    aggregation: Aggregation = Aggregation.token_sum
+    # Entropy bonus: -entropy_coef * H(next-token distribution) per model token; 0 = off.
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class KLConfig:
+    # Weight of the KL(policy || reference) penalty; 0 = off. The reference is the trainer's
+    # own model with its adapter switched off or swapped: one extra forward pass, no second copy.
+    coef: float = 0.0
+    # start (the policy RL starts from: after the warm start, if any) or base.
+    reference: KLReference = KLReference.start
+    # k1, k2, k3 or low_var_kl (see rlkit.api.losses.kl_penalty).
+    estimator: KLEstimator = KLEstimator.k3
+    # loss (per token, differentiated) or reward (per sequence, before advantages).
+    placement: KLPlacement = KLPlacement.loss
+
+
+@dataclass
+class OverlongConfig:
+    # keep, mask (truncated completions out of the loss), or penalty (DAPO's soft punishment).
+    mode: OverlongMode = OverlongMode.keep
+    # penalty: the last N tokens before the limit over which the penalty falls from 0 to -1.
+    buffer: int = 16
+    # penalty: its weight in the total reward.
+    weight: float = 1.0
 
 
 @dataclass
@@ -167,6 +224,13 @@ class RunConfig:
     # `_target_` of an advantage function and its arguments.
     advantage: Any = MISSING
     loss: LossConfig = field(default_factory=LossConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    # Completions that hit max_tokens (the limit is max_tokens x the env's max_turns).
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    # Passes over each batch of rollouts, each in `minibatches` optimizer steps; more than one
+    # optimizer step computes the old policy's logprobs first (see rlkit.rl.update).
+    updates_per_batch: int = 1
+    minibatches: int = 1
     # `_target_` of a rollout engine class and its options (see conf/engine/).
     engine: Any = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -231,6 +295,9 @@ POSITIVE_INTS = (
     "adapter.rank",
     "warmup.batch_size",
     "checkpoint.keep_last",
+    "updates_per_batch",
+    "minibatches",
+    "overlong.buffer",
 )
 NON_NEGATIVE = (
     "temperature",
@@ -244,12 +311,17 @@ NON_NEGATIVE = (
     "adapter.alpha",
     "determinism.num_threads",
     "checkpoint.every",
+    "kl.coef",
+    "loss.entropy_coef",
+    "overlong.weight",
 )
 POSITIVE = ("distributed.timeout_s",)
 TYPED_SECTIONS = (
     "model",
     "adapter",
     "loss",
+    "kl",
+    "overlong",
     "optim",
     "warmup",
     "determinism",
@@ -312,7 +384,7 @@ def validate(cfg: DictConfig) -> None:
             "the same; set eval_temperature > 0 for pass@k, or eval_samples=1"
         )
     _validate_engine(cfg.engine)
-    _validate_loss(cfg.loss)
+    _validate_loss(cfg)
     if not cfg.reward:
         raise ConfigError("reward is empty: select at least one, e.g. reward=[format,correct]")
     check_target("grader", cfg.grader, runtime_args=2)
@@ -401,18 +473,65 @@ def _validate_engine(engine: DictConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def _validate_loss(loss: DictConfig) -> None:
+def loss_fn_config(cfg: DictConfig) -> dict[str, Any]:
+    """`loss.config` plus the options the run turns on: the KL penalty in the loss
+    (`kl.coef` > 0, `kl.placement=loss`) and the entropy bonus (`loss.entropy_coef` > 0)."""
+    config = OmegaConf.to_container(cfg.loss.config)
+    if cfg.kl.coef and cfg.kl.placement == KLPlacement.loss:
+        config |= {"kl_coef": float(cfg.kl.coef), "kl_estimator": str(cfg.kl.estimator)}
+    if cfg.loss.entropy_coef:
+        config["entropy_coef"] = float(cfg.loss.entropy_coef)
+    return config
+
+
+def _validate_loss(cfg: DictConfig) -> None:
     from rlkit.api.losses import get_loss
 
+    loss = cfg.loss
+    for key in ("kl.coef", "loss.entropy_coef", "overlong.weight"):
+        if not OmegaConf.select(cfg, key) < float("inf"):
+            raise ConfigError(
+                f"{key} must be a finite number >= 0, got {OmegaConf.select(cfg, key)}"
+            )
     try:
         spec = get_loss(loss.name)
-        if "advantages" not in spec.inputs:
-            raise ConfigError(
-                f"loss.name={loss.name!r} is not a policy-gradient loss (no advantages)"
-            )
-        spec.resolve_config(loss.name, OmegaConf.to_container(loss.config))
-    except (KeyError, ValueError) as exc:
+    except KeyError as exc:
         raise ConfigError(f"loss: {exc}") from None
+    if not spec.is_policy_loss:
+        raise ConfigError(f"loss.name={loss.name!r} is not a policy-gradient loss (no advantages)")
+    uses = [k for k in ("kl_coef", "entropy_coef") if k in loss_fn_config(cfg)]
+    if missing := [k for k in uses if k not in spec.defaults]:
+        raise ConfigError(
+            f"loss.name={loss.name!r} has no {missing[0]} option (a loss registered with "
+            "register_policy_loss has it): set kl.coef=0 / loss.entropy_coef=0, or use one that does"
+        )
+    try:
+        spec.resolve_config(loss.name, loss_fn_config(cfg))
+    except ValueError as exc:
+        raise ConfigError(f"loss: {exc}") from None
+    if cfg.kl.coef and cfg.kl.placement == KLPlacement.loss and cfg.kl.estimator == KLEstimator.k1:
+        raise ConfigError(
+            "kl.estimator=k1 with kl.placement=loss: k1's gradient is 0 in expectation on "
+            "the policy's own samples, so the penalty would do nothing; use k3 (or k2, "
+            "low_var_kl) in the loss, or kl.placement=reward for k1"
+        )
+    if loss.name == "gspo" and loss.aggregation != Aggregation.sequence_mean:
+        raise ConfigError(
+            f"loss=gspo with loss.aggregation={loss.aggregation}: GSPO's objective is a mean "
+            "over sequences of a length-normalised ratio; use loss.aggregation=sequence_mean "
+            "(conf/loss/gspo.yaml's)"
+        )
+    if cfg.overlong.mode == OverlongMode.penalty and cfg.overlong.buffer > cfg.max_tokens:
+        raise ConfigError(
+            f"overlong.buffer={cfg.overlong.buffer} exceeds max_tokens={cfg.max_tokens}: the "
+            "penalty would start before the first token"
+        )
+    batch = cfg.groups_per_step * cfg.group_size
+    if cfg.minibatches > batch:
+        raise ConfigError(
+            f"minibatches={cfg.minibatches} exceeds the batch of groups_per_step x group_size "
+            f"= {batch} completions"
+        )
 
 
 def plain(cfg: DictConfig) -> dict:

@@ -1,0 +1,112 @@
+"""The policy update of one RL step: optimizer steps on a batch of rollouts' datums.
+
+`updates_per_batch` passes over the batch, each split into `minibatches` optimizer steps
+(shuffled per pass, seeded from (seed, step, pass)). With more than one optimizer step, the
+trainer's logprobs are computed once before the first (`old_logprobs`), so every later step's
+ratio is to that old policy and PPO / CISPO / GSPO clipping bounds the distance from it, while
+the correction from the sampler to the old policy (exp(old - sampler), capped by `tis_cap`)
+stays exact. With one step the old policy is the current one and nothing extra is computed.
+
+`loss.aggregation` sets each token's weight in the summed loss (`weights`, 0 off the model's
+tokens), per minibatch:
+- token_sum: 1 (the API's sum semantics);
+- token_mean: 1 / (model tokens in the minibatch), DAPO's token-level mean;
+- sequence_mean: 1 / (sequence's model tokens x sequences), GRPO's original mean of means;
+- constant: 1 / (max_tokens x sequences), Dr. GRPO's constant normaliser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from rlkit.api import types
+from rlkit.client import Processes
+from rlkit.rl.rollouts import logprob_gaps
+from rlkit.run import seeds
+
+AGGREGATIONS = ("token_sum", "token_mean", "sequence_mean", "constant")
+
+
+@dataclass
+class UpdateResult:
+    # Sum of the losses of the first optimizer step's datums (this process's).
+    loss: float | None
+    # Trainer minus sampler logprobs before any update, on this process's trained tokens.
+    gaps: torch.Tensor | None
+    # Mean gradient norm over the optimizer steps.
+    grad_norm: float
+    optimizer_steps: int
+
+
+def aggregate(datums_D, mode: str, max_tokens: int, procs: Processes) -> list[types.Datum]:
+    """The datums with their `weights` scaled for `mode` (see the module docstring); the counts
+    are summed over processes, so N processes weigh tokens as one would."""
+    if mode == "token_sum":
+        return list(datums_D)
+    masks = [d.loss_fn_inputs["weights"].to_torch() for d in datums_D]
+    if mode == "token_mean":
+        total = procs.sum(sum(float((m > 0).sum()) for m in masks), "token count")
+        scales = [1.0 / max(total, 1.0)] * len(masks)
+    else:
+        n_seqs = procs.sum(len(masks), "sequence count")
+        if mode == "sequence_mean":
+            scales = [1.0 / (max(float((m > 0).sum()), 1.0) * n_seqs) for m in masks]
+        elif mode == "constant":
+            scales = [1.0 / (max_tokens * n_seqs)] * len(masks)
+        else:
+            raise ValueError(f"unknown loss.aggregation {mode!r}; known: {', '.join(AGGREGATIONS)}")
+    return [_with(d, weights=m * s) for d, m, s in zip(datums_D, masks, scales, strict=True)]
+
+
+def policy_update(
+    trainer,
+    datums_D: list[types.Datum],
+    loss_name: str,
+    loss_config: dict,
+    adam: types.AdamParams,
+    *,
+    updates_per_batch: int = 1,
+    minibatches: int = 1,
+    aggregation: str = "token_sum",
+    max_tokens: int = 1,
+    seed: int = 0,
+    step: int = 0,
+    procs: Processes | None = None,
+) -> UpdateResult:
+    """Optimizer steps on this process's `datums_D` (every process calls it, with the same
+    settings; a process with no datums in a minibatch joins its step with zero gradients)."""
+    procs = procs or Processes()
+    n_steps = updates_per_batch * minibatches
+    gaps = None
+    if n_steps > 1 and datums_D:
+        before = trainer.forward(datums_D, loss_name, loss_config).result().loss_fn_outputs
+        gaps = logprob_gaps(datums_D, before)
+        datums_D = [
+            _with(d, old_logprobs=o["logprobs"].to_torch())
+            for d, o in zip(datums_D, before, strict=True)
+        ]
+    loss, norms = None, []
+    for epoch in range(updates_per_batch):
+        order = list(range(len(datums_D)))
+        if minibatches > 1:
+            seeds.rng(seed, "minibatch", step, epoch).shuffle(order)
+        for part in range(minibatches):
+            mine = [datums_D[i] for i in order[part::minibatches]]
+            if not procs.sum(len(mine), "minibatch datum count"):
+                continue  # fewer datums than minibatches everywhere
+            mine = aggregate(mine, aggregation, max_tokens, procs)
+            out = trainer.forward_backward(mine, loss_name, loss_config) if mine else None
+            norms.append(trainer.optim_step(adam).result().metrics["grad_norm"])
+            if out is not None and loss is None:
+                result = out.result()
+                loss = result.metrics["loss:sum"]
+                if gaps is None:
+                    gaps = logprob_gaps(mine, result.loss_fn_outputs)
+    return UpdateResult(loss, gaps, sum(norms) / len(norms), len(norms))
+
+
+def _with(datum: types.Datum, **inputs: torch.Tensor) -> types.Datum:
+    extra = {k: types.TensorData.from_torch(v.float()) for k, v in inputs.items()}
+    return replace(datum, loss_fn_inputs={**datum.loss_fn_inputs, **extra})
