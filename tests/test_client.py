@@ -273,3 +273,55 @@ def test_sampler_matches_trainer_after_training(service, use_dora):
     torch.testing.assert_close(
         trainer_lp.to_torch()[len(prompt) - 1 :], torch.tensor(seq.logprobs), atol=1e-4, rtol=0
     )
+
+
+def test_hf_engine_decodes_queued_requests_together_with_their_own_seeds(trainer):
+    """The hf engine decodes a step's requests in one batch; each completion draws from its own
+    generator (request seed, row), so a request gets the same tokens alone, in a batch of
+    mixed prompts, lengths and settings, or split into batches of `batch_rows`."""
+    from rlkit.backend.engines.base import Request
+    from rlkit.backend.engines.hf import HFEngine
+
+    learner = trainer._learner
+    tok = learner.tokenizer
+    engine = HFEngine(learner.model, tok)
+    engine.load(1, learner.snapshot().tensors)
+    requests = [
+        Request(tok.encode("ab"), 3, types.SamplingParams(seed=1), 1, 12),
+        Request(tok.encode("hello there"), 2, types.SamplingParams(top_k=5), 2, 7),
+        Request(tok.encode("x"), 2, types.SamplingParams(temperature=0), 3, 9),
+        Request(tok.encode("abc"), 2, types.SamplingParams(top_p=0.5, stop=["e"]), 4, 12),
+    ]
+    together = engine.sample(requests)
+    alone = [engine.sample([r])[0] for r in requests]
+    engine.batch_rows = 3
+    split = engine.sample(requests)
+    tokens = lambda out: [[s.tokens for s in r] for r in out]  # noqa: E731
+    assert tokens(together) == tokens(alone) == tokens(split)
+    assert [len(r) for r in together] == [3, 2, 2, 2]
+    assert len({tuple(s) for s in tokens(together)[0]}) > 1  # rows of one request differ
+    assert tokens(together)[2][0] == tokens(together)[2][1]  # greedy: one pass, repeated
+    assert all(len(s.tokens) <= 7 for s in together[1])
+    for s in together[3]:  # a stop string ends the row right after it
+        text = tok.decode(s.tokens, skip_special_tokens=True)
+        assert s.stop_reason == "length" or "e" in text
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (-1, 0.7), (20, 0.9)])
+def test_hf_engine_filters_match_transformers_warpers(top_k, top_p):
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from rlkit.backend.engines.hf import _filtered
+
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(0)) * 3
+    params = types.SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p)
+    want = TemperatureLogitsWarper(0.7)(None, logits[None].clone())
+    if top_k != -1:
+        want = TopKLogitsWarper(top_k)(None, want)
+    if top_p < 1:
+        want = TopPLogitsWarper(top_p)(None, want)
+    torch.testing.assert_close(_filtered(logits, params), want[0])

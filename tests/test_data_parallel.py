@@ -55,8 +55,10 @@ REL = 1e-5
 # advantages sum to zero, a logprob gap of 1e-7): compared in absolute terms.
 NOISE = ("train/logprob_mismatch", "train/kl_sampler_trainer", "sync/probe")
 NOISE_ATOL = 1e-5
-# The loss: a sum over ~100 tokens of ratio x advantage, whose terms nearly cancel.
-LOSS_REL, LOSS_ATOL = 1e-4, 1e-5
+# The loss: a sum over ~100 tokens of ratio x advantage, whose terms nearly cancel; the ratio's
+# sampler logprobs also move by ~1e-7 with the batch the hf engine decodes them in (each
+# process decodes its own share of the step). Measured: 1.0e-5 on a loss of 2e-4.
+LOSS_REL, LOSS_ATOL = 1e-4, 5e-5
 
 
 def command(processes: int, run_dir: Path, *extra: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Rollout engine on transformers `generate`.
+"""Rollout engine on the transformers model itself: a batched decode loop with a KV cache.
 
 Sampling runs on a copy of the adapted model whose adapter is merged into its weights: as fast
 as the bare base model (a peft adapter on every layer costs several times that on small
@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.dora import DoraLinearLayer
 from peft.utils.integrations import dequantize_module_weight
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from rlkit.api.types import SampledSequence, SamplingParams
 from rlkit.backend.engines.base import Request, repeat_greedy, stop_criteria
@@ -122,95 +122,133 @@ def _text(tokenizer, tokens) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-class _StopOnStrings(StoppingCriteria):
-    """Ends a row once its generated text contains any stop string."""
-
-    def __init__(self, tokenizer, strings: list[str], prompt_length: int) -> None:
-        self.tokenizer, self.strings, self.start = tokenizer, strings, prompt_length
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        done = [
-            any(s in _text(self.tokenizer, row[self.start :]) for s in self.strings)
-            for row in input_ids.tolist()
-        ]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+def row_seed(seed: int, row: int) -> int:
+    """The seed of completion `row` of a request seeded `seed`: its draws depend on these two
+    alone, not on the other requests decoded in the same batch."""
+    digest = hashlib.sha256(f"{seed}:{row}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _truncate(tokens, logprobs, stop_ids, stop_strings, tokenizer) -> SampledSequence:
-    """Cut after the first stop token or stop string; rows that finished early hold padding."""
-    for end, token in enumerate(tokens, start=1):
-        if token in stop_ids or (
-            stop_strings and any(s in _text(tokenizer, tokens[:end]) for s in stop_strings)
+@dataclass
+class _Row:
+    """One completion being decoded."""
+
+    request: int
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop_ids: set[int]
+    stop_strings: list[str]
+    generator: torch.Generator | None  # None: greedy
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stop_reason: str = ""
+
+    def add(self, token: int, logprob: float, tokenizer) -> bool:
+        """Append a token; True when the row is finished."""
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        if token in self.stop_ids or (
+            self.stop_strings and any(s in _text(tokenizer, self.tokens) for s in self.stop_strings)
         ):
-            return SampledSequence("stop", tokens[:end], logprobs[:end])
-    return SampledSequence("length", tokens, logprobs)
+            self.stop_reason = "stop"
+        elif len(self.tokens) >= self.max_tokens:
+            self.stop_reason = "length"
+        return bool(self.stop_reason)
+
+
+def _filtered(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus), as transformers applies them."""
+    x = logits / params.temperature
+    if params.top_k != -1 and params.top_k < x.shape[-1]:
+        kth = torch.topk(x, params.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1:
+        ordered, order = torch.sort(x, descending=False)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - params.top_p
+        drop[-1] = False  # always keep the most likely token
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return x
 
 
 @torch.no_grad()
-def sample(
-    model,
-    tokenizer,
-    prompt: list[int],
-    num_samples: int,
-    params: SamplingParams,
-    seed: int,
-    max_tokens: int,
-) -> list[SampledSequence]:
-    """`num_samples` completions of `prompt`, reproducible for a given `seed`."""
-    stop_ids, stop_strings = stop_criteria(params, tokenizer.eos_token_id)
-    greedy = params.temperature == 0
-    # Filters are only for sampling: top_k=0 turns transformers' default top-k (50) off.
-    filters = (
-        {}
-        if greedy
-        else {
-            "temperature": params.temperature,
-            "top_k": 0 if params.top_k == -1 else params.top_k,
-            "top_p": params.top_p,
-        }
-    )
-    config = GenerationConfig(
-        max_new_tokens=max_tokens,
-        do_sample=not greedy,
-        **filters,
-        num_return_sequences=1 if greedy else num_samples,
-        eos_token_id=sorted(stop_ids),
-        pad_token_id=tokenizer.pad_token_id,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+def sample_batch(model, tokenizer, requests: list[Request]) -> list[list[SampledSequence]]:
+    """Every completion of every request, decoded together: one forward pass per token for the
+    whole batch (finished rows leave it). Row j of a request draws from its own generator,
+    seeded by `row_seed(request.seed, j)`, so a request's draws do not depend on its batch."""
     device = next(model.parameters()).device
-    stopping = StoppingCriteriaList(
-        [_StopOnStrings(tokenizer, stop_strings, len(prompt))] if stop_strings else []
-    )
-    input_ids = torch.tensor([prompt], device=device)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            generation_config=config,
-            stopping_criteria=stopping,
+    rows: list[_Row] = []
+    for i, r in enumerate(requests):
+        stop_ids, stop_strings = stop_criteria(r.params, tokenizer.eos_token_id)
+        greedy = r.params.temperature == 0
+        for j in range(1 if greedy else r.num_samples):
+            generator = None
+            if not greedy:
+                generator = torch.Generator(device=device).manual_seed(row_seed(r.seed, j))
+            rows.append(
+                _Row(i, r.prompt, r.params, r.max_tokens, stop_ids, stop_strings, generator)
+            )
+
+    # Left-padded prompts: every row's next token sits in the last column.
+    width = max(len(row.prompt) for row in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, row in enumerate(rows):
+        ids[k, width - len(row.prompt) :] = torch.tensor(row.prompt)
+        mask[k, width - len(row.prompt) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    live = list(range(len(rows)))  # rows still decoding, in batch order
+    position = positions[:, -1]
+    while True:
+        logits = logits.float()
+        logprobs = logits.log_softmax(-1)  # the raw policy's, before temperature and filters
+        chosen = []
+        for b, k in enumerate(live):
+            row = rows[k]
+            if row.generator is None:
+                chosen.append(int(logits[b].argmax()))
+            else:
+                probs = _filtered(logits[b], row.params).softmax(-1)
+                chosen.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+        done = [
+            rows[k].add(token, float(logprobs[b, token]), tokenizer)
+            for b, (k, token) in enumerate(zip(live, chosen, strict=True))
+        ]
+        keep = [b for b, d in enumerate(done) if not d]
+        if not keep:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, position = mask[index], position[index]
+            chosen = [chosen[b] for b in keep]
+            live = [live[b] for b in keep]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
+        position = position + 1
+        out = model(
+            input_ids=torch.tensor(chosen, device=device)[:, None],
+            attention_mask=mask,
+            position_ids=position[:, None],
+            past_key_values=cache,
+            use_cache=True,
         )
-    new_tokens = out.sequences[:, len(prompt) :]
-    logits = torch.stack(out.logits, dim=1).float()  # (rows, steps, vocab)
-    token_logprobs = logits.log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-    sequences = [
-        _truncate(
-            new_tokens[row].tolist(),
-            token_logprobs[row].tolist(),
-            stop_ids,
-            stop_strings,
-            tokenizer,
-        )
-        for row in range(new_tokens.shape[0])
+        cache, logits = out.past_key_values, out.logits[:, -1]
+
+    results: list[list[SampledSequence]] = [[] for _ in requests]
+    for row in rows:
+        results[row.request].append(SampledSequence(row.stop_reason, row.tokens, row.logprobs))
+    return [
+        repeat_greedy(seqs[0], r.num_samples) if r.params.temperature == 0 else seqs
+        for seqs, r in zip(results, requests, strict=True)
     ]
-    return repeat_greedy(sequences[0], num_samples) if greedy else sequences
 
 
 class HFEngine:
-    """The `hf` engine: transformers `generate` on a merged copy of the adapted model (on a
+    """The `hf` engine: a batched decode loop on a merged copy of the adapted model (on a
     quantized base: an unmerged one, see the module's docstring)."""
 
     name = "hf"
@@ -219,15 +257,23 @@ class HFEngine:
 
     @dataclass(frozen=True)
     class Options:
-        """No settings of its own."""
+        # Most completions decoded together (a step's requests are split into batches of at
+        # most this many rows; a request is never split).
+        batch_rows: int = 256
+
+        def __post_init__(self) -> None:
+            if self.batch_rows < 1:
+                raise ValueError(f"batch_rows must be >= 1, got {self.batch_rows}")
 
     @classmethod
     def build(cls, learner, options: Options | None = None) -> HFEngine:
-        return cls(learner.model, learner.tokenizer, merge=not learner.quant.enabled)
+        options = options or cls.Options()
+        return cls(learner.model, learner.tokenizer, not learner.quant.enabled, options.batch_rows)
 
-    def __init__(self, peft_model, tokenizer, merge: bool = True) -> None:
+    def __init__(self, peft_model, tokenizer, merge: bool = True, batch_rows: int = 256) -> None:
         self._sampler = SamplingModel(peft_model, merge)
         self.tokenizer = tokenizer
+        self.batch_rows = batch_rows
 
     @property
     def loaded_key(self) -> int | None:
@@ -237,19 +283,12 @@ class HFEngine:
         self._sampler.load(key, snapshot)
 
     def sample(self, requests: list[Request]) -> list[list[SampledSequence]]:
-        # One generate call per request: each request's seed then decides its tokens alone.
-        return [
-            sample(
-                self._sampler.model,
-                self.tokenizer,
-                r.prompt,
-                r.num_samples,
-                r.params,
-                r.seed,
-                r.max_tokens,
-            )
-            for r in requests
-        ]
+        # All queued requests in one decode loop, `batch_rows` completions at a time; each
+        # completion's seed decides its draws alone.
+        out: list[list[SampledSequence]] = []
+        for chunk in _chunks(requests, self.batch_rows):
+            out += sample_batch(self._sampler.model, self.tokenizer, chunk)
+        return out
 
     @torch.no_grad()
     def prompt_logprobs(self, prompt: list[int]) -> list[float | None]:
@@ -259,3 +298,17 @@ class HFEngine:
         targets = torch.tensor(prompt[1:], device=device)
         logprobs = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
         return [None, *logprobs.tolist()]
+
+
+def _chunks(requests: list[Request], rows: int) -> list[list[Request]]:
+    """Consecutive requests, at most `rows` completions per chunk (a larger request alone)."""
+    chunks: list[list[Request]] = [[]]
+    count = 0
+    for r in requests:
+        n = 1 if r.params.temperature == 0 else r.num_samples
+        if chunks[-1] and count + n > rows:
+            chunks.append([])
+            count = 0
+        chunks[-1].append(r)
+        count += n
+    return chunks
