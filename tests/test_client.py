@@ -92,10 +92,11 @@ def test_importance_sampling_gradient_through_the_model(trainer):
     ours = {n: p.grad.clone() for n, p in learner.params.items()}
     learner.optimizer.zero_grad(set_to_none=True)
 
-    tokens = torch.tensor([datum.model_input.to_ints()])
-    targets = datum.loss_fn_inputs["target_tokens"].to_torch()
-    q = datum.loss_fn_inputs["logprobs"].to_torch()
-    adv = datum.loss_fn_inputs["advantages"].to_torch()
+    device = learner.device  # cpu, or RLKIT_TEST_DEVICE
+    tokens = torch.tensor([datum.model_input.to_ints()], device=device)
+    targets = datum.loss_fn_inputs["target_tokens"].to_torch().to(device)
+    q = datum.loss_fn_inputs["logprobs"].to_torch().to(device)
+    adv = datum.loss_fn_inputs["advantages"].to_torch().to(device)
     logits = learner.model(input_ids=tokens).logits[0].float()
     lp = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
     (-(torch.exp(lp - q) * adv).sum()).backward()

@@ -352,14 +352,16 @@ def test_entropy_bonus_in_the_learner_matches_the_logits_formula(trainer):
     got = {k: p.grad.clone() for k, p in learner.params.items() if p.grad is not None}
     learner.optimizer.zero_grad(set_to_none=True)
     learner.pending_datums = 0
-    tokens = torch.tensor([d.model_input.to_ints()])
-    targets = d.loss_fn_inputs["target_tokens"].to_torch().long()
+    device = learner.device  # cpu, or RLKIT_TEST_DEVICE
+    tokens = torch.tensor([d.model_input.to_ints()], device=device)
+    targets = d.loss_fn_inputs["target_tokens"].to_torch().long().to(device)
     logits = learner.model(input_ids=tokens).logits.float()[0]
     logp = torch.log_softmax(logits, -1)
     lp = logp.gather(1, targets[:, None])[:, 0]
     h = -(logp.exp() * logp).sum(-1)
     inputs = {
-        k: d.loss_fn_inputs[k].to_torch().float() for k in ("logprobs", "advantages", "weights")
+        k: d.loss_fn_inputs[k].to_torch().float().to(device)
+        for k in ("logprobs", "advantages", "weights")
     }
     per = -torch.exp(lp - inputs["logprobs"]) * inputs["advantages"] - 0.1 * h
     (per * inputs["weights"]).sum().backward()
