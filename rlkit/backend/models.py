@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging
 
 from rlkit.api.errors import ModelNotFoundError, RlkitError
 from rlkit.api.quant import QuantSpec
+from rlkit.backend import attention
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # The Qwen chat format: one `<|im_start|>role\n...<|im_end|>\n` block per message.
@@ -263,6 +264,7 @@ def load_model(
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
+    attention.use(model)  # grouped key/value heads read in place on CPU (attention.py)
     if not quantized:
         return model.to(device)
     _own_memory(model)
