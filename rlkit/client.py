@@ -192,6 +192,8 @@ class ServiceClient:
     `engine` picks the rollout engine of every sampler: `hf` (transformers), `vllm`, or the
     dotted path of an engine class, with `engine_options` (the engine's `Options` fields, e.g.
     `rlkit.backend.engines.vllm.VLLMEngine.Options`; `probe_tolerance` for any engine).
+    `share_prefix`: datums that begin with the same tokens (the completions of one prompt) share
+    the trainer's forward pass over that beginning; results equal to float rounding.
     Hosted-only arguments (`api_key`, `base_url`, ...) are accepted and ignored.
     """
 
@@ -202,9 +204,11 @@ class ServiceClient:
         checkpoint_dir: str | os.PathLike | None = None,
         engine: str = "hf",
         engine_options: dict | None = None,
+        share_prefix: bool = True,
         **_hosted_only: Any,
     ) -> None:
         self.engine = EngineSettings.parse(engine, engine_options)
+        self.share_prefix = bool(share_prefix)
         device = distributed.device(device)  # several processes on a node: one GPU each
         self.device = (
             torch.device(device)
@@ -222,6 +226,7 @@ class ServiceClient:
             device=self.device,
             engine=self.engine,
             quant=quant,
+            share_prefix=self.share_prefix,
         )
 
     def create_lora_training_client(

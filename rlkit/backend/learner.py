@@ -32,7 +32,7 @@ from rlkit.api.types import (
     SampledSequence,
     TensorData,
 )
-from rlkit.backend import adapters, distributed, models
+from rlkit.backend import adapters, distributed, models, prefixes
 from rlkit.backend.batching import TokenRow, microbatches, pad, to_rows
 from rlkit.backend.engines.base import Engine, Request
 from rlkit.backend.engines.probe import Snapshot, check_probe, probe_tokens
@@ -57,8 +57,12 @@ class Learner:
         tokens_per_microbatch: int = 8192,
         engine: EngineSettings | None = None,
         quant: QuantSpec | None = None,
+        share_prefix: bool = True,
     ) -> None:
         self.base_model = base_model
+        # Rows with a common beginning share its forward pass (prefixes.py): same results up to
+        # float rounding, so a switch of its own (recorded with the run).
+        self.share_prefix = share_prefix
         self.spec = spec
         self.quant = quant or QuantSpec()
         self.device = torch.device(device) if device is not None else default_device()
@@ -91,7 +95,13 @@ class Learner:
     # ---- forward / backward -------------------------------------------------------------
     def _logprobs(self, seqs: list[TokenRow], entropy: list | None = None) -> list[torch.Tensor]:
         """Each row's logprob of its targets; with a list as `entropy`, each row's per-position
-        entropy of the predicted distribution is appended to it."""
+        entropy of the predicted distribution is appended to it. Rows that begin alike share
+        the forward pass over their common beginning (see prefixes.py)."""
+        plan = prefixes.plan(seqs) if self.share_prefix else None
+        if plan is not None:
+            pad_id = self.tokenizer.pad_token_id
+            logits = prefixes.forward(self.model, seqs, plan, pad_id, self.device)
+            return prefixes.row_logprobs(seqs, plan, logits, entropy)
         tokens, targets, mask = (t.to(self.device) for t in pad(seqs, self.tokenizer.pad_token_id))
         logits = self.model(input_ids=tokens, attention_mask=mask).logits.float()
         flat = -torch.nn.functional.cross_entropy(

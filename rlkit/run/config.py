@@ -109,6 +109,9 @@ class ModelConfig:
     quant_compute_dtype: DType = DType.auto
     # 4-bit only: also quantize the per-block scales (~0.4 bits per weight saved).
     double_quant: bool = True
+    # Training rows that begin alike (a prompt's completions) share one forward pass over their
+    # common beginning: same logprobs and gradients up to float rounding, less work.
+    share_prefix: bool = True
 
 
 def derived(cls: type, name: str, rename: dict | None = None, drop=(), extra=()) -> type:

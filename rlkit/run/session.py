@@ -71,6 +71,7 @@ class Session:
             device=None if cfg.model.device == "auto" else cfg.model.device,
             dtype=None if cfg.model.dtype == "auto" else str(cfg.model.dtype),
             checkpoint_dir=run_dir / "checkpoints",
+            share_prefix=cfg.model.share_prefix,
             **engine_args(cfg.engine),
         )
         trainer = service.create_lora_training_client(

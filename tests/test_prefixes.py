@@ -1,0 +1,153 @@
+"""Shared prefixes (backend/prefixes.py) and the grouped-query attention (backend/attention.py):
+the planner's clusters, and the trainer's logprobs, entropies and gradients with sharing on
+against the same rows run in full."""
+
+import random
+
+import pytest
+import torch
+
+from rlkit.api import types
+from rlkit.backend import attention, models, prefixes
+from rlkit.backend.batching import TokenRow
+
+ATOL = 2e-5  # float32 rounding of two differently shaped passes over the same rows
+
+
+def row(tokens: list[int]) -> TokenRow:
+    t = torch.tensor(tokens)
+    return TokenRow(t, t, {})
+
+
+def test_plan_clusters_the_completions_of_each_prompt():
+    rng = random.Random(0)
+    prompts = [[5] * 30 + [rng.randrange(10, 200) for _ in range(12)] for _ in range(4)]
+    seqs, owner = [], []
+    for p, prompt in enumerate(prompts):
+        for _ in range(8):
+            seqs.append(row(prompt + [rng.randrange(10, 200) for _ in range(rng.randrange(3, 20))]))
+            owner.append(p)
+    random.Random(1).shuffle(order := list(range(len(seqs))))
+    seqs, owner = [seqs[i] for i in order], [owner[i] for i in order]
+    plan = prefixes.plan(seqs)
+    assert plan is not None
+    # Rows of one prompt share a cluster, whose prefix is at least the prompt and leaves each
+    # row at least one token of its own.
+    by_cluster = {}
+    for r, c in enumerate(plan.cluster):
+        by_cluster.setdefault(c, set()).add(owner[r])
+        assert plan.prefix[c] <= seqs[r].length - 1
+        first = seqs[plan.members[c]].tokens[: plan.prefix[c]]
+        assert torch.equal(seqs[r].tokens[: plan.prefix[c]], first)
+    assert all(len(owners) == 1 for owners in by_cluster.values())
+    assert min(plan.prefix) >= 42
+    lengths = [s.length for s in seqs]
+    assert prefixes._padded_tokens(lengths, plan.cluster, plan.prefix) < 0.5 * len(seqs) * max(
+        lengths
+    )
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        [[1, 2, 3, 4]],  # one row
+        [[1, 2, 3], [4, 5, 6], [7, 8, 9]],  # nothing in common
+        [[1, 2, 3, 4, 5], [1, 9]],  # a short row: little to save
+        [[1], [1]],  # rows of one token keep nothing to run after a prefix
+    ],
+)
+def test_plan_declines_when_sharing_saves_nothing(tokens):
+    assert prefixes.plan([row(t) for t in tokens]) is None
+
+
+def rl_batch(seed: int = 0) -> list[types.Datum]:
+    """Two prompts of different lengths x 3 completions, a lone row, and a row whose targets
+    inside the shared prompt differ from its neighbours' (the API allows any targets)."""
+    g = random.Random(seed)
+    system = [g.randrange(3, 250) for _ in range(20)]
+    prompts = [system + [g.randrange(3, 250) for _ in range(n)] for n in (6, 9)]
+    rows = [
+        p + [g.randrange(3, 250) for _ in range(g.randrange(2, 12))]
+        for p in prompts
+        for _ in range(3)
+    ]
+    rows.append([g.randrange(3, 250) for _ in range(15)])
+    data = []
+    for k, tokens in enumerate(rows):
+        n = len(tokens) - 1
+        targets = tokens[1:]
+        if k == 1:
+            targets = [(t + 7) % 250 + 3 for t in targets]
+        data.append(
+            types.Datum(
+                types.ModelInput.from_ints(tokens[:-1]),
+                {
+                    "target_tokens": targets,
+                    "logprobs": [-3.0] * n,
+                    "advantages": [g.uniform(-1, 1)] * n,
+                    "weights": [0.0] * 10 + [1.0] * (n - 10),
+                },
+            )
+        )
+    return data
+
+
+def run(trainer, data, share: bool, config=None):
+    learner = trainer._learner
+    learner.share_prefix = share
+    out = trainer.forward_backward(data, "importance_sampling", config).result()
+    grads = {k: p.grad.clone() for k, p in learner.params.items() if p.grad is not None}
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.pending_datums = 0
+    return out, grads
+
+
+@pytest.mark.parametrize("config", [None, {"entropy_coef": 0.1}])
+def test_shared_prefix_gives_the_full_rows_logprobs_and_gradients(trainer, config):
+    data = rl_batch()
+    # A trained adapter (B != 0), so the adapter's path through the shared pass counts.
+    trainer.forward_backward(data, "importance_sampling").result()
+    trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    learner = trainer._learner
+    from rlkit.api.losses import get_loss
+    from rlkit.backend.batching import to_rows
+
+    rows = to_rows(data, get_loss("importance_sampling"), "x", learner.vocab_size)
+    plan = prefixes.plan(rows)
+    assert plan is not None and max(plan.prefix) >= 20  # the rows share the system prompt
+
+    full, full_grads = run(trainer, data, share=False, config=config)
+    shared, shared_grads = run(trainer, data, share=True, config=config)
+    for a, b in zip(full.loss_fn_outputs, shared.loss_fn_outputs, strict=True):
+        for key in ("logprobs", "elementwise_loss"):
+            torch.testing.assert_close(b[key].to_torch(), a[key].to_torch(), atol=ATOL, rtol=0)
+    assert full_grads.keys() == shared_grads.keys() and full_grads
+    for k, g in full_grads.items():
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(shared_grads[k], g, atol=ATOL, rtol=1e-4)
+
+
+def test_reference_logprobs_share_prefixes_too(trainer):
+    data = rl_batch(1)
+    learner = trainer._learner
+    learner.share_prefix = False
+    full = [t.to_torch() for t in learner.reference_logprobs(data)]
+    learner.share_prefix = True
+    shared = [t.to_torch() for t in learner.reference_logprobs(data)]
+    for a, b in zip(full, shared, strict=True):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
+
+
+def test_grouped_query_attention_reads_heads_in_place_with_the_same_bits():
+    model = models.load_model("rlkit-tiny")
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped
+    assert model.config._attn_implementation == attention.NAME
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 250, (4, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0  # padding: transformers' sdpa copies the heads in this case
+    mask[2, 5:] = 0
+    ours = model(input_ids=ids, attention_mask=mask).logits
+    model.set_attn_implementation("sdpa")
+    theirs = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(ours, theirs)
