@@ -190,17 +190,21 @@ def sample_batch(model, tokenizer, requests: list[Request]) -> list[list[Sampled
                 _Row(i, r.prompt, r.params, r.max_tokens, stop_ids, stop_strings, generator)
             )
 
-    # Left-padded prompts: every row's next token sits in the last column.
-    width = max(len(row.prompt) for row in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for k, row in enumerate(rows):
-        ids[k, width - len(row.prompt) :] = torch.tensor(row.prompt)
-        mask[k, width - len(row.prompt) :] = 1
+    # Each request's prompt runs once (left-padded: every next token sits in the last column),
+    # then its cache, logits and mask are copied to each of its rows.
+    width = max(len(r.prompt) for r in requests)
+    ids = torch.full((len(requests), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(requests), width), dtype=torch.long)
+    for i, r in enumerate(requests):
+        ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
+        mask[i, width - len(r.prompt) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    index = torch.tensor([row.request for row in rows], device=device)
+    cache, logits = out.past_key_values, out.logits[index, -1]
+    cache.batch_select_indices(index)
+    mask, positions = mask[index], positions[index]
     live = list(range(len(rows)))  # rows still decoding, in batch order
     position = positions[:, -1]
     while True:
