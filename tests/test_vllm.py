@@ -178,6 +178,49 @@ def test_greedy_stop_strings_and_prompt_logprobs_agree_with_the_hf_engine(traine
     assert max(abs(a - b) for a, b in zip(lps["vllm"][1:], lps["hf"][1:], strict=True)) < TOLERANCE
 
 
+def test_merged_weights_serve_the_trained_policy(tmp_path):
+    """engine.weights=merged: W + scale B A reloaded into a LoRA-free vLLM after each step; the
+    probe and sampled logprobs match the trainer, and the next step's weights replace these."""
+    import rlkit
+
+    service = rlkit.ServiceClient(
+        device="cpu", checkpoint_dir=tmp_path, engine="vllm", engine_options={"weights": "merged"}
+    )
+    trainer = service.create_lora_training_client(MODEL, rank=64, seed=0)
+    prompt = trainer.get_tokenizer().encode("hello")
+    served = []
+    for _ in range(2):
+        sft_step(trainer)
+        sampler = trainer.save_weights_and_get_sampling_client()
+        assert sampler.sync_metrics["sync/probe_mismatch"] < TOLERANCE
+        engine = trainer._learner._engine()
+        assert engine.merged and engine._request is None  # no LoRA anywhere
+        seqs = sample(sampler, prompt)
+        for seq in seqs:
+            diff = trainer_logprobs(trainer, prompt, seq.tokens) - torch.tensor(seq.logprobs)
+            assert float(diff.abs().max()) < TOLERANCE, diff
+        served.append(torch.tensor(seqs[0].logprobs[:1]))
+    assert not torch.equal(served[0], served[1])  # the second step's weights were loaded
+
+
+def test_merged_weights_refuse_a_tied_output_layer_adapter(tmp_path):
+    """Merging into a tied output layer would change the input embeddings too: refused before
+    any weights load, naming both ways out."""
+    import rlkit
+    from rlkit.api.errors import RlkitError
+    from rlkit.backend import models
+
+    config = models.load_config(MODEL)
+    config.tie_word_embeddings = True
+    config.save_pretrained(tmp_path / "tied")
+    models.load_tokenizer(MODEL).save_pretrained(tmp_path / "tied")
+    service = rlkit.ServiceClient(
+        device="cpu", checkpoint_dir=tmp_path, engine="vllm", engine_options={"weights": "merged"}
+    )
+    with pytest.raises(RlkitError, match="adapter.train_unembed=false or engine.weights=lora"):
+        service.create_lora_training_client(str(tmp_path / "tied"), rank=8, seed=0)
+
+
 def test_dora_falls_back_to_the_hf_engine_with_a_message(service, caplog):
     trainer = service.create_lora_training_client(MODEL, rank=RANK, use_dora=True)
     with caplog.at_level("WARNING"):

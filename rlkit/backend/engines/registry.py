@@ -70,11 +70,11 @@ class EngineSettings:
 
     def check(self, base_model: str, device, spec) -> None:
         """Raises when the engine cannot serve this model, before any weights load (an engine
-        class may define `check(model_config, device, spec)`; most need none, and for them
-        the model's config is not even read)."""
+        class may define `check(model_config, device, spec, options)`; most need none, and for
+        them the model's config is not even read)."""
         check = getattr(self.engine, "check", None)
         if check is not None:
-            check(models.load_config(base_model), device, spec)
+            check(models.load_config(base_model), device, spec, self.options)
 
     def build(self, learner):
         """The engine for `learner` (an engine may hand over to another, e.g. vllm -> hf)."""

@@ -16,6 +16,11 @@ One `LLM` per (model, dtype, max LoRA rank, options) is shared by every training
 process, like a server hosting several adapters; each client has its own LoRA id.
 
 vLLM's LoRA path cannot serve DoRA (no magnitude vector): the learner falls back to `hf` for it.
+
+`weights="merged"` serves a step's adapter without LoRA kernels: W + scale B A for every adapted
+layer (W the trainer's frozen base weight) reloaded into a LoRA-free `vllm.LLM` in place
+(`reload_weights`), which is then that client's own. vLLM-CPU's LoRA kernels slow down with the
+rank; merged weights cost a reload of the adapted layers per step instead.
 """
 
 from __future__ import annotations
@@ -80,10 +85,13 @@ def _shared_llm(
     model_path: str,
     dtype: torch.dtype,
     device: torch.device,
-    max_rank: int,
+    max_rank: int | None,
     options: VLLMEngine.Options,
+    owner: int | None = None,
 ):
-    key = (model_path, str(dtype), device.type, max_rank, options)
+    """The `vllm.LLM` for these settings: with a LoRA rank, shared by every client that asks;
+    without one (merged weights), the `owner`'s own, since it serves that client's weights."""
+    key = (model_path, str(dtype), device.type, max_rank, options, owner)
     if key not in _LLMS:
         vllm, _ = _import_vllm()
         memory = (
@@ -100,9 +108,11 @@ def _shared_llm(
             dtype=str(dtype).removeprefix("torch."),
             # Every request carries its own seed; the engine's is never used.
             seed=0,
-            enable_lora=True,
-            max_lora_rank=max_rank,
-            max_loras=1,
+            **(
+                {"enable_lora": True, "max_lora_rank": max_rank, "max_loras": 1}
+                if max_rank is not None
+                else {}
+            ),
             max_model_len=options.max_model_len,
             enforce_eager=options.enforce_eager,
             max_num_seqs=options.max_num_seqs,
@@ -156,8 +166,13 @@ class VLLMEngine:
         enforce_eager: bool = True
         # Sequences decoded at once.
         max_num_seqs: int = 256
+        # How a step's adapter is served: "lora" (vLLM's LoRA kernels, the adapter reloaded in
+        # place) or "merged" (W + scale B A reloaded into the base's layers; no LoRA kernels).
+        weights: str = "lora"
 
         def __post_init__(self) -> None:
+            if self.weights not in ("lora", "merged"):
+                raise ValueError(f"weights must be lora or merged, got {self.weights!r}")
             if not 0 < self.gpu_memory_utilization <= 1:
                 raise ValueError(
                     f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -170,11 +185,25 @@ class VLLMEngine:
                 raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
     @classmethod
-    def check(cls, model_config, device: torch.device, spec) -> None:
-        """What vLLM cannot serve, found before any model loads: vLLM itself missing, and on
-        CPU an attention head size its CPU kernels do not have."""
+    def check(
+        cls, model_config, device: torch.device, spec, options: Options | None = None
+    ) -> None:
+        """What vLLM cannot serve, found before any model loads: vLLM itself missing, merged
+        weights for an adapter on a tied output layer, and on CPU an attention head size its
+        CPU kernels do not have."""
         if spec.use_dora:
             return  # served by hf (see build)
+        options = options or cls.Options()
+        if (
+            options.weights == "merged"
+            and spec.train_unembed
+            and getattr(model_config, "tie_word_embeddings", False)
+        ):
+            raise RlkitError(
+                "engine.weights=merged cannot serve an adapter on the output layer of a model "
+                "whose input and output embeddings are tied (merging it would change the input "
+                "embeddings too): set adapter.train_unembed=false or engine.weights=lora"
+            )
         _import_vllm()
         if device.type != "cpu":
             return
@@ -205,6 +234,18 @@ class VLLMEngine:
                 "vector): sampling with engine=hf (the merged adapter) instead"
             )
             return HFEngine.build(learner)
+        options = options or cls.Options()
+        config = learner.model.get_base_model().config
+        if (
+            options.weights == "merged"
+            and learner.spec.train_unembed
+            and config.tie_word_embeddings
+        ):
+            raise RlkitError(
+                "engine.weights=merged cannot serve an adapter on the output layer of a model "
+                "whose input and output embeddings are tied (merging it would change the input "
+                "embeddings too): set adapter.train_unembed=false or engine.weights=lora"
+            )
         return cls(
             learner.model,
             learner.base_model,
@@ -225,29 +266,42 @@ class VLLMEngine:
     ) -> None:
         options = options or self.Options()
         self._vllm, self._LoRARequest = _import_vllm()
+        self.merged = options.weights == "merged"
+        self.lora_id = next(_LORA_IDS)
         self.llm = _shared_llm(
-            models.resolve(base_model), dtype, device, lora_rank_limit(rank), options
+            models.resolve(base_model),
+            dtype,
+            device,
+            None if self.merged else lora_rank_limit(rank),
+            options,
+            owner=self.lora_id if self.merged else None,
         )
         self._eos = self.llm.get_tokenizer().eos_token_id
-        self.lora_id = next(_LORA_IDS)
+        self.loaded_key: int | None = None
+        self._request = None
+        if self.merged:
+            self._merger = Merger(peft_model)
+            return
         shm = Path("/dev/shm")
         self.dir = Path(tempfile.mkdtemp(prefix="rlkit-lora-", dir=shm if shm.is_dir() else None))
         atexit.register(shutil.rmtree, self.dir, True)
         peft_model.peft_config["default"].save_pretrained(str(self.dir))
-        self.loaded_key: int | None = None
-        self._request = None
 
     def load(self, key: int, snapshot: dict[str, torch.Tensor]) -> None:
         if key == self.loaded_key:
             return
         self.loaded_key = None  # stays unset if anything below fails
-        save_file(peft_tensors(snapshot), str(self.dir / "adapter_model.safetensors"))
-        name = f"rlkit-{self.lora_id}"
-        self.llm.llm_engine.add_lora(
-            self._LoRARequest(name, self.lora_id, str(self.dir), load_inplace=True)
-        )
+        if self.merged:
+            weights = self._merger.weights(snapshot)
+            self.llm.collective_rpc(_reload, args=(weights,))
+        else:
+            save_file(peft_tensors(snapshot), str(self.dir / "adapter_model.safetensors"))
+            name = f"rlkit-{self.lora_id}"
+            self.llm.llm_engine.add_lora(
+                self._LoRARequest(name, self.lora_id, str(self.dir), load_inplace=True)
+            )
+            self._request = self._LoRARequest(name, self.lora_id, str(self.dir))
         self.llm.reset_prefix_cache()
-        self._request = self._LoRARequest(name, self.lora_id, str(self.dir))
         self.loaded_key = key
 
     def _params(self, request: Request):
@@ -297,3 +351,36 @@ def _sequence(completion) -> SampledSequence:
     logprobs = [entry[t].logprob for entry, t in zip(completion.logprobs, tokens, strict=True)]
     reason = "stop" if completion.finish_reason == "stop" else "length"
     return SampledSequence(reason, tokens, logprobs)
+
+
+def _reload(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Runs in vLLM's worker: load checkpoint-format weights into the model in place (vLLM
+    repacks them for its kernels as at start-up)."""
+    worker.model_runner.reload_weights(weights_iterator=iter(weights))
+
+
+class Merger:
+    """A snapshot's merged weights, W + scale * B A for every adapted layer, under the
+    checkpoint's names; W is the trainer's frozen base weight (never written)."""
+
+    def __init__(self, peft_model) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        self.layers = {}
+        for name, module in peft_model.named_modules():
+            if isinstance(module, LoraLayer):
+                checkpoint = name.removeprefix("base_model.model.") + ".weight"
+                self.layers[name] = (checkpoint, module)
+
+    @torch.no_grad()
+    def weights(self, snapshot: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        out = []
+        for name, (checkpoint, layer) in self.layers.items():
+            a = snapshot[f"{name}.lora_A.default.weight"]
+            b = snapshot[f"{name}.lora_B.default.weight"]
+            base = layer.get_base_layer().weight
+            delta = (b.to(torch.float32) @ a.to(torch.float32)) * layer.scaling["default"]
+            if getattr(layer, "fan_in_fan_out", False):  # weights stored (in, out), as GPT-2's
+                delta = delta.T
+            out.append((checkpoint, (base.to(torch.float32) + delta).to(base.dtype)))
+        return out
