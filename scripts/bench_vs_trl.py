@@ -219,47 +219,100 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def matmul_params(path: str) -> int:
-    """Parameters a token's forward pass multiplies by: all but the input embedding."""
+def matmul_params(path: str) -> tuple[int, int]:
+    """Parameters a token's forward pass multiplies by (all but the input embedding), and those
+    of the adapter (rank RANK on every linear layer but the output one)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with __import__("torch").device("meta"):
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     embed = model.get_input_embeddings().weight.numel()
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    return sum(p.numel() for p in model.parameters()) - (0 if tied else embed)
+    head = model.get_output_embeddings()
+    adapter = sum(
+        RANK * (m.in_features + m.out_features)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
+    )
+    return sum(p.numel() for p in model.parameters()) - (0 if tied else embed), adapter
+
+
+def executed_tokens(prompts: list[list[int]], completion: int) -> tuple[int, int]:
+    """Tokens rlkit's passes actually run for one step of these prompts, padding included:
+    sampling (each prompt's prefill once, then every row's decoded tokens) and training (the
+    learner's microbatches with their shared prefixes, planned as the learner plans them, on
+    rows of `completion` random tokens after their prompt)."""
+    import random
+
+    import torch
+
+    from rlkit.backend import prefixes
+    from rlkit.backend.batching import TokenRow, microbatches
+
+    sample = len(prompts) * max(map(len, prompts)) + len(prompts) * GROUP_SIZE * completion
+    rng = random.Random(0)
+    rows = []
+    for prompt in prompts:
+        for _ in range(GROUP_SIZE):
+            t = torch.tensor(prompt + [rng.randrange(3, 259) for _ in range(completion)])[:-1]
+            rows.append(TokenRow(t, t, {}))
+    train = 0
+    for group in microbatches(rows, 8192):  # the learner's default tokens_per_microbatch
+        seqs = [rows[i] for i in group]
+        plan = prefixes.plan(seqs)
+        lengths = [s.length for s in seqs]
+        train += (
+            prefixes._padded_tokens(lengths, plan.cluster, plan.prefix)
+            if plan
+            else len(seqs) * max(lengths)
+        )
+    return sample, train
 
 
 def print_profile(profiles, threads: int, prompts_file: Path) -> None:
-    """rlkit's phases per step and each one's achieved FLOP/s against the matmul peak, measured
-    now. FLOPs: sampling 2 N per prompt and generated token of every completion (prefill +
-    decode), training 4 N per token (forward, and the backward pass to the activations; the
-    frozen base needs no weight gradients), N = the model's matmul parameters; attention and
-    the adapter's own matmuls are left out, so the fractions are slight underestimates."""
+    """rlkit's phases per step and their achieved FLOP/s against the matmul peak, measured now.
+
+    Two rates per phase. "rows' work": the FLOPs of running every row in full, as TRL does
+    (sampling 2 N per prompt and generated token of every completion, from merged weights;
+    training 4 N + 6 A per token: the base's forward and backward pass to the activations, the
+    frozen base needs no weight gradients, and the adapter's forward, backward and weight
+    gradients), divided by the phase's time. "executed": the FLOPs of the tokens rlkit's passes
+    actually run (a prompt's prefill once per group, shared prefixes in training, padding
+    included); that one, against the peak, says how well the machine is used. N = the model's
+    matmul parameters, A = the adapter's; attention is left out of both (3-4% of a token's
+    FLOPs at these lengths), so the fractions are slight underestimates."""
     from rlkit.backend import models
 
     peak = matmul_peak(threads)
     tokenizer = models.load_tokenizer("rlkit-small")
-    prompts = json.loads(prompts_file.read_text())
-    prompt_tokens = statistics.mean(
-        len(tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=False))
-        for p in prompts
-    )
+    chats = json.loads(prompts_file.read_text())
+    prompts = [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=False)
+        for p in chats
+    ]
+    prompt_tokens = statistics.mean(map(len, prompts))
     print(f"\nmatmul peak now: {peak / 1e9:.0f} GFLOP/s ({threads} threads, 2048x2048 float32)\n")
-    print("| model | phase | s/step (median) | GFLOP/s | of peak |")
-    print("|---|---|---|---|---|")
+    print("| model | phase | s/step (median) | GFLOP/s, rows' work | GFLOP/s, executed | of peak |")
+    print("|---|---|---|---|---|---|")
     for size, path, segs in profiles:
-        n = matmul_params(path)
+        n, adapter = matmul_params(path)
         rows = GROUPS * GROUP_SIZE
         completion = statistics.mean(t for seg in segs for t in seg["tokens"]) / rows
-        flops = {
-            "time/sample": 2 * n * rows * (prompt_tokens + completion),
-            "time/train": 4 * n * rows * (prompt_tokens + completion),
+        sample_run, train_run = executed_tokens(prompts[:GROUPS], round(completion))
+        work = {
+            "time/sample": (rows * (prompt_tokens + completion), sample_run, 2 * n),
+            "time/train": (rows * (prompt_tokens + completion), train_run, 4 * n + 6 * adapter),
         }
         for phase in segs[0]["phases"]:
             seconds = statistics.median(v for seg in segs for v in seg["phases"][phase])
-            rate = flops.get(phase, 0) / seconds if phase in flops else None
-            cells = f"{rate / 1e9:.1f} | {rate / peak:.0%}" if rate else " | "
+            cells = " | | "
+            if phase in work:
+                full, executed, per_token = work[phase]
+                rate = per_token * executed / seconds
+                cells = (
+                    f"{per_token * full / seconds / 1e9:.1f} | {rate / 1e9:.1f} | {rate / peak:.0%}"
+                )
             print(f"| {size} ({n / 1e6:.1f}M) | {phase[5:]} | {seconds:.2f} | {cells} |")
 
 
