@@ -262,11 +262,7 @@ def executed_tokens(prompts: list[list[int]], completion: int) -> tuple[int, int
         seqs = [rows[i] for i in group]
         plan = prefixes.plan(seqs)
         lengths = [s.length for s in seqs]
-        train += (
-            prefixes._padded_tokens(lengths, plan.cluster, plan.prefix)
-            if plan
-            else len(seqs) * max(lengths)
-        )
+        train += plan.tokens_run(lengths) if plan else len(seqs) * max(lengths)
     return sample, train
 
 

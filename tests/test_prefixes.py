@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from rlkit.api import types
+from rlkit.api.losses import get_loss
 from rlkit.backend import attention, models, prefixes
-from rlkit.backend.batching import TokenRow
+from rlkit.backend.batching import TokenRow, to_rows
 
 ATOL = 2e-5  # float32 rounding of two differently shaped passes over the same rows
 
@@ -31,20 +32,18 @@ def test_plan_clusters_the_completions_of_each_prompt():
     seqs, owner = [seqs[i] for i in order], [owner[i] for i in order]
     plan = prefixes.plan(seqs)
     assert plan is not None
-    # Rows of one prompt share a cluster, whose prefix is at least the prompt and leaves each
-    # row at least one token of its own.
+    # Rows of one prompt share a cluster; the shared length covers the shortest prompt and
+    # leaves each row at least one token of its own.
     by_cluster = {}
     for r, c in enumerate(plan.cluster):
         by_cluster.setdefault(c, set()).add(owner[r])
-        assert plan.prefix[c] <= seqs[r].length - 1
-        first = seqs[plan.members[c]].tokens[: plan.prefix[c]]
-        assert torch.equal(seqs[r].tokens[: plan.prefix[c]], first)
+        assert plan.length <= seqs[r].length - 1
+        first = seqs[plan.members[c]].tokens[: plan.length]
+        assert torch.equal(seqs[r].tokens[: plan.length], first)
     assert all(len(owners) == 1 for owners in by_cluster.values())
-    assert min(plan.prefix) >= 42
+    assert plan.length >= 42
     lengths = [s.length for s in seqs]
-    assert prefixes._padded_tokens(lengths, plan.cluster, plan.prefix) < 0.5 * len(seqs) * max(
-        lengths
-    )
+    assert plan.tokens_run(lengths) < 0.5 * len(seqs) * max(lengths)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +70,7 @@ def rl_batch(seed: int = 0) -> list[types.Datum]:
         for p in prompts
         for _ in range(3)
     ]
-    rows.append([g.randrange(3, 250) for _ in range(15)])
+    rows.append([g.randrange(3, 250) for _ in range(40)])  # longer than the shared prefix
     data = []
     for k, tokens in enumerate(rows):
         n = len(tokens) - 1
@@ -109,12 +108,9 @@ def test_shared_prefix_gives_the_full_rows_logprobs_and_gradients(trainer, confi
     trainer.forward_backward(data, "importance_sampling").result()
     trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     learner = trainer._learner
-    from rlkit.api.losses import get_loss
-    from rlkit.backend.batching import to_rows
-
     rows = to_rows(data, get_loss("importance_sampling"), "x", learner.vocab_size)
     plan = prefixes.plan(rows)
-    assert plan is not None and max(plan.prefix) >= 20  # the rows share the system prompt
+    assert plan is not None and plan.length >= 20  # the rows share the system prompt
 
     full, full_grads = run(trainer, data, share=False, config=config)
     shared, shared_grads = run(trainer, data, share=True, config=config)
@@ -151,3 +147,42 @@ def test_grouped_query_attention_reads_heads_in_place_with_the_same_bits():
     model.set_attn_implementation("sdpa")
     theirs = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(ours, theirs)
+
+
+def test_sliding_window_and_other_architectures_share_exactly(tmp_path):
+    """A sliding window counts distances in cache positions: every row's tokens stay
+    contiguous after the shared prefix, so a window shorter than the rows sees what the full
+    row would (a Mistral-style model with a 16-token window, rows of 14-34 tokens)."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    import rlkit
+
+    tokenizer = models.load_tokenizer("rlkit-tiny")
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    service = rlkit.ServiceClient(device="cpu", dtype="float32")
+    trainer = service.create_lora_training_client(str(tmp_path / "m"), rank=8, seed=0)
+    data = rl_batch()
+    rows = to_rows(data, get_loss("importance_sampling"), "x", trainer._learner.vocab_size)
+    assert prefixes.plan(rows).length > config.sliding_window  # the window matters
+    trainer.forward_backward(data, "importance_sampling").result()
+    trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    full, full_grads = run(trainer, data, share=False)
+    shared, shared_grads = run(trainer, data, share=True)
+    for a, b in zip(full.loss_fn_outputs, shared.loss_fn_outputs, strict=True):
+        torch.testing.assert_close(
+            b["logprobs"].to_torch(), a["logprobs"].to_torch(), atol=ATOL, rtol=0
+        )
+    for k, g in full_grads.items():
+        torch.testing.assert_close(shared_grads[k], g, atol=ATOL, rtol=1e-4)
