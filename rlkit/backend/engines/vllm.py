@@ -234,18 +234,6 @@ class VLLMEngine:
                 "vector): sampling with engine=hf (the merged adapter) instead"
             )
             return HFEngine.build(learner)
-        options = options or cls.Options()
-        config = learner.model.get_base_model().config
-        if (
-            options.weights == "merged"
-            and learner.spec.train_unembed
-            and config.tie_word_embeddings
-        ):
-            raise RlkitError(
-                "engine.weights=merged cannot serve an adapter on the output layer of a model "
-                "whose input and output embeddings are tied (merging it would change the input "
-                "embeddings too): set adapter.train_unembed=false or engine.weights=lora"
-            )
         return cls(
             learner.model,
             learner.base_model,
