@@ -134,7 +134,6 @@ class _Row:
     """One completion being decoded."""
 
     request: int
-    prompt: list[int]
     params: SamplingParams
     max_tokens: int
     stop_ids: set[int]
@@ -186,9 +185,7 @@ def sample_batch(model, tokenizer, requests: list[Request]) -> list[list[Sampled
             generator = None
             if not greedy:
                 generator = torch.Generator(device=device).manual_seed(row_seed(r.seed, j))
-            rows.append(
-                _Row(i, r.prompt, r.params, r.max_tokens, stop_ids, stop_strings, generator)
-            )
+            rows.append(_Row(i, r.params, r.max_tokens, stop_ids, stop_strings, generator))
 
     # Each request's prompt runs once (left-padded: every next token sits in the last column),
     # then its cache, logits and mask are copied to each of its rows.
