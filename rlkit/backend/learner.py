@@ -109,8 +109,7 @@ class Learner:
         )
         per_token = flat.view(targets.shape)
         if entropy is not None:
-            logp = torch.log_softmax(logits, dim=-1)
-            h = -(logp.exp() * logp).sum(-1)
+            h = prefixes.token_entropy(torch.log_softmax(logits, dim=-1))
             entropy += [h[row, : s.length] for row, s in enumerate(seqs)]
         return [per_token[row, : s.length] for row, s in enumerate(seqs)]
 

@@ -38,7 +38,11 @@ class PrefixPlan:
 
     def tokens_run(self, lengths: list[int]) -> int:
         """Tokens the two passes run for rows of these lengths, padding included."""
-        return len(self.members) * self.length + len(lengths) * (max(lengths) - self.length)
+        return _tokens_run(len(self.members), self.length, lengths)
+
+
+def _tokens_run(clusters: int, length: int, lengths: list[int]) -> int:
+    return clusters * length + len(lengths) * (max(lengths) - length)
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -70,15 +74,18 @@ def plan(seqs: list[TokenRow]) -> PrefixPlan | None:
     for t in sorted(set(shared[1:]) - {0}):
         starts = [k for k in range(len(order)) if k == 0 or shared[k] < t]
         # The shared length: the least common prefix inside any cluster of two or more rows.
-        inside = [shared[k] for k in range(1, len(order)) if shared[k] >= t]
-        length = min([longest_allowed, *inside])
-        cluster = [0] * len(seqs)
-        for k, row in enumerate(order):
-            cluster[row] = cluster[order[k - 1]] + (shared[k] < t) if k else 0
-        candidate = PrefixPlan(cluster, length, [order[k] for k in starts])
-        if length > 0 and candidate.tokens_run(lengths) < best_cost:
-            best, best_cost = candidate, candidate.tokens_run(lengths)
-    return best
+        length = min([longest_allowed, *(v for v in shared[1:] if v >= t)])
+        cost = _tokens_run(len(starts), length, lengths)
+        if length > 0 and cost < best_cost:
+            best, best_cost = (starts, length), cost
+    if best is None:
+        return None
+    starts, length = best
+    cluster = [0] * len(seqs)
+    for c, (start, end) in enumerate(zip(starts, [*starts[1:], len(order)], strict=True)):
+        for k in range(start, end):
+            cluster[order[k]] = c
+    return PrefixPlan(cluster, length, [order[k] for k in starts])
 
 
 def forward(model, seqs: list[TokenRow], plan: PrefixPlan, pad_id: int, device) -> tuple:
@@ -123,8 +130,12 @@ def row_logprobs(seqs, plan: PrefixPlan, logits: tuple, entropy: list | None) ->
         after = s.targets[n:].to(own.device)
         out.append(torch.cat([first[r], own[r, : s.length - n].gather(-1, after[:, None])[:, 0]]))
     if entropy is not None:
-        h_shared = -(shared.exp() * shared).sum(-1)
-        h_own = -(own.exp() * own).sum(-1)
+        h_shared, h_own = token_entropy(shared), token_entropy(own)
         for r, (s, c) in enumerate(zip(seqs, plan.cluster, strict=True)):
             entropy.append(torch.cat([h_shared[c], h_own[r, : s.length - n]]))
     return out
+
+
+def token_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the distributions whose log-probabilities are `logp` (..., V)."""
+    return -(logp.exp() * logp).sum(-1)
