@@ -23,14 +23,19 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantized import SIZES, base_parameters, random_sequences, status  # noqa: E402
+from bench_quantized import (  # noqa: E402
+    base_parameters,
+    build_once,
+    random_sequences,
+    run_child,
+    status,
+)
 
 VARIANTS = ("none", "adapter_off", "adapter_swap", "base_copy")
 
@@ -42,9 +47,7 @@ def child(size: str, variant: str, rank: int, steps: int) -> dict:
     from rlkit.api import types
     from rlkit.backend import models
 
-    name = f"bench-{size}"
-    models.BUILTIN_MODELS[name] = models.BuiltinSpec(*SIZES[size])
-    models.builtin_path(name)  # built by the parent
+    name = build_once(size)  # built by the parent: found in the cache
     before = status("VmRSS")
     scratch = tempfile.mkdtemp(prefix="bench-kl-")  # the swapped-in reference adapter
     service = rlkit.ServiceClient(device="cpu", dtype="float32", checkpoint_dir=scratch)
@@ -146,21 +149,13 @@ def main() -> None:
         "reference (s) | max abs diff vs copy |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    from rlkit.backend import models
-
     for size in args.sizes.split(","):
-        models.BUILTIN_MODELS[f"bench-{size}"] = models.BuiltinSpec(*SIZES[size])
-        models.builtin_path(f"bench-{size}")
+        build_once(size)
         first = None
         for variant in VARIANTS:
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", size, variant]
-                + ["--rank", str(args.rank), "--steps", str(args.steps)],
-                capture_output=True,
-                text=True,
-                check=True,
+            r = run_child(
+                __file__, size, variant, "--rank", str(args.rank), "--steps", str(args.steps)
             )
-            r = json.loads(out.stdout.strip().splitlines()[-1])
             first = first or r
             print(
                 f"| {size} ({r['base_params'] / 1e6:.0f}M) | {variant} | "

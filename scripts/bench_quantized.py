@@ -49,6 +49,25 @@ def random_sequences(count: int = 4, length: int = 65) -> list[list[int]]:
     return [torch.randint(3, 259, (length,), generator=generator).tolist() for _ in range(count)]
 
 
+def build_once(size: str) -> str:
+    """The built-in name of the benchmark model of `size`, registered in this process; built
+    on first use (by the parent, so that no measured process pays for it), then cached."""
+    from rlkit.backend import models
+
+    name = f"bench-{size}"
+    models.BUILTIN_MODELS[name] = models.BuiltinSpec(*SIZES[size])
+    models.builtin_path(name)
+    return name
+
+
+def run_child(script: str, *args: str) -> dict:
+    """Run `script --child ARGS` in a fresh process; its result is its last line's JSON."""
+    out = subprocess.run(
+        [sys.executable, script, "--child", *args], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 VARIANTS = {
     "lora": {},
     "dora": {"use_dora": True},
@@ -80,9 +99,7 @@ def child(size: str, variant: str, rank: int, steps: int, device: str, dtype: st
     from rlkit.api import types
     from rlkit.backend import models
 
-    name = f"bench-{size}"
-    models.BUILTIN_MODELS[name] = models.BuiltinSpec(*SIZES[size])
-    models.builtin_path(name)  # built by the parent: found in the cache
+    name = build_once(size)  # built by the parent: found in the cache
     gpu = device.startswith("cuda")
     before = 0 if gpu else status("VmRSS")
     service = rlkit.ServiceClient(device=device, dtype=dtype)
@@ -167,21 +184,14 @@ def main() -> None:
         "sampling round (s) | probe mismatch | fits in budget (params) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    from rlkit.backend import models
-
     for size in args.sizes.split(","):
-        models.BUILTIN_MODELS[f"bench-{size}"] = models.BuiltinSpec(*SIZES[size])
-        models.builtin_path(f"bench-{size}")  # built once, here, not in a measured process
+        build_once(size)
         lora_peak = None
         for variant in args.variants.split(","):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", size, variant, "--rank", str(args.rank)]
-                + ["--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = run_child(
+                __file__, size, variant, "--rank", str(args.rank), "--steps", str(args.steps),
+                "--device", args.device, "--dtype", args.dtype,
+            )  # fmt: skip
             lora_peak = r["peak"] if variant == "lora" else lora_peak
             ratio = f"{r['peak'] / lora_peak:.2f}" if lora_peak else "-"
             per_param = (r["peak"] - r["rss_before_model"]) / r["base_params"]
