@@ -208,7 +208,9 @@ class ServiceClient:
         **_hosted_only: Any,
     ) -> None:
         self.engine = EngineSettings.parse(engine, engine_options)
-        self.share_prefix = bool(share_prefix)
+        if not isinstance(share_prefix, bool):
+            raise ValueError(f"share_prefix must be True or False, got {share_prefix!r}")
+        self.share_prefix = share_prefix
         device = distributed.device(device)  # several processes on a node: one GPU each
         self.device = (
             torch.device(device)

@@ -59,6 +59,13 @@ def test_plan_declines_when_sharing_saves_nothing(tokens):
     assert prefixes.plan([row(t) for t in tokens]) is None
 
 
+def test_share_prefix_must_be_a_bool():
+    import rlkit
+
+    with pytest.raises(ValueError, match="share_prefix must be True or False, got 'no'"):
+        rlkit.ServiceClient(device="cpu", share_prefix="no")
+
+
 def rl_batch(seed: int = 0) -> list[types.Datum]:
     """Two prompts of different lengths x 3 completions, a lone row, and a row whose targets
     inside the shared prompt differ from its neighbours' (the API allows any targets)."""
