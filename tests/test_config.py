@@ -4,7 +4,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from rlkit.run.config import ConfigError, compose, options, validate
+from rlkit.run.config import CONF_DIR, ConfigError, compose, options, validate
 
 GROUPS = [
     "model",
@@ -34,9 +34,43 @@ def test_every_recipe_composes_and_binds(recipe):
     [f"{g}={o}" for g in GROUPS for o in options(g)] + [f"reward=[{o}]" for o in options("reward")],
 )
 def test_every_option_composes_and_binds(override):
-    # The pair_sum recipe sets pair_sum's own env keys: other envs compose on the defaults.
-    recipe = [] if override.startswith("env=") else ["recipe=pair_sum"]
-    validate(compose([*recipe, override]))
+    validate(compose(["recipe=pair_sum", override]))
+
+
+SWAPPED = ["warmup", "env", "model", "adapter", "loss"]
+
+
+@pytest.mark.parametrize("recipe", options("recipe"))
+def test_a_swapped_group_shows_its_own_options_defaults_under_every_recipe(recipe):
+    """`recipe=R GROUP=OPTION` gives OPTION's own values, none of the recipe's: a recipe's
+    settings for a group live in the option it selects (e.g. env/pair_sum_small.yaml), so
+    `recipe=pair_sum warmup=none` has no warm start and `env=dataset` no pair_sum keys."""
+    for group in SWAPPED:
+        for option in options(group):
+            cfg = compose([f"recipe={recipe}", f"{group}={option}"])
+            alone = compose([f"{group}={option}"])
+            shown = OmegaConf.to_container(cfg[group], resolve=False)
+            assert shown == OmegaConf.to_container(alone[group], resolve=False), (group, option)
+
+
+def test_recipes_set_no_key_inside_a_config_group():
+    """What a recipe sets inside a group would survive a swap of that group; recipes select
+    options (defaults) and set top-level keys only."""
+    import yaml
+
+    from rlkit.run.config import RECIPES_DIR
+
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    for path in RECIPES_DIR.glob("*.yaml"):
+        inside = groups & set(yaml.safe_load(path.read_text()))
+        assert not inside, f"{path.name} sets keys inside the group(s) {sorted(inside)}"
+
+
+def test_the_readme_command_without_a_warm_start_starts_rl_at_once():
+    cfg = compose(["recipe=pair_sum", "model=qwen3_4b", "warmup=none"])
+    assert cfg.warmup.steps == 0 and cfg.model.base_model == "Qwen/Qwen3-4B-Instruct-2507"
+    cfg = compose(["recipe=pair_sum", "env=dataset", "env.path=data.jsonl"])
+    assert "n_choices" not in cfg.env and cfg.env.path == "data.jsonl"
 
 
 def test_every_field_has_a_comment_above_it():
@@ -77,7 +111,12 @@ def test_every_field_has_a_comment_above_it():
             r"expected one of \[constant, linear\][\s\S]*full_key: optim.schedule",
         ),
         (["optim.beta2=1.5"], ConfigError, r"optim.beta2 must be in \[0, 1\)"),
-        (["temperature=-1"], ConfigError, "temperature must be >= 0"),
+        (["temperature=-1"], ConfigError, "temperature must be a finite number >= 0"),
+        (["temperature=nan"], ConfigError, "temperature must be a finite number >= 0, got nan"),
+        (["eval_temperature=nan"], ConfigError, "eval_temperature must be a finite number >= 0"),
+        (["optim.lr=inf"], ConfigError, "optim.lr must be a finite number >= 0, got inf"),
+        (["seed=1180591620717411303424"], ConfigError, r"seed must be in \[0, 2\*\*63 - 1\]"),
+        (["temperature=0"], ConfigError, "temperature=0: rollouts would be greedy"),
         (["loss.name=nope"], ConfigError, "unknown loss_fn 'nope'; known losses: cispo"),
         (["loss.name=cross_entropy"], ConfigError, "not a policy-gradient loss"),
         (["loss.config.tis_cap=-1"], ConfigError, r"loss_fn_config tis_cap=-1.0 must be"),
@@ -142,7 +181,11 @@ def test_every_field_has_a_comment_above_it():
         (["engine.probe_tolerance=0"], ConfigError, "engine.probe_tolerance must be > 0"),
         (["engine._target_=no.such.Engine"], ConfigError, "cannot import engine 'no.such.Engine'"),
         (["determinism.cublas_workspace=4096"], ConfigError, "must look like ':4096:8'"),
-        (["determinism.num_threads=-1"], ConfigError, "determinism.num_threads must be >= 0"),
+        (
+            ["determinism.num_threads=-1"],
+            ConfigError,
+            "determinism.num_threads must be a finite number >= 0",
+        ),
         (["checkpoint.keep_last=0"], ConfigError, "checkpoint.keep_last must be >= 1"),
         (["+checkpoint.evry=3"], ConfigError, "unknown key 'checkpoint.evry'"),
     ],
