@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from rlkit import client
 from rlkit.api.errors import RlkitError
 from rlkit.run import config, plugins
+from rlkit.run.rundir import check_dir_path
 
 config.register()
 plugins.register_entry_points()
@@ -42,10 +43,36 @@ def main(cfg: DictConfig) -> None:
     except RlkitError as exc:
         where = f"rank {procs.rank}: " if procs.world_size > 1 else ""
         raise SystemExit(f"error: {where}{exc}") from None
+    except KeyboardInterrupt as exc:
+        # A second Ctrl-C / SIGTERM (or a plugin raising KeyboardInterrupt): stop now, quietly;
+        # the checkpoints on disk are complete (each is written atomically).
+        if procs.is_main:
+            print(interrupted(exc, run_dir, procs.world_size), file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def interrupted(exc: KeyboardInterrupt, run_dir: str, world_size: int) -> str:
+    """The one message of a run stopped at once: why, the last complete checkpoint, and how to
+    continue."""
+    from rlkit.run.checkpoint import latest_checkpoint, resume_command
+
+    why = str(exc) or "KeyboardInterrupt"
+    last = latest_checkpoint(run_dir)
+    kept = f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet"
+    return f"interrupted ({why}): {kept}. Continue with:\n  {resume_command(run_dir, world_size)}"
 
 
 def run() -> None:
+    for arg in sys.argv[1:]:
+        key, _, value = arg.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value:
+            try:
+                check_dir_path(key, value)
+            except RlkitError as exc:
+                raise SystemExit(f"error: {exc}") from None
     procs = client.processes()  # a launcher's group; rank 0 of 1 without one
+    if warning := client.lost_processes():
+        print(warning, file=sys.stderr)
     if procs.world_size > 1:
         if {"-m", "--multirun"} & set(sys.argv[1:]):
             raise SystemExit(

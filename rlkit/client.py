@@ -64,6 +64,7 @@ __all__ = [
     "ServiceClient",
     "TrainingClient",
     "launcher_info",
+    "lost_processes",
     "processes",
 ]
 
@@ -80,6 +81,11 @@ def processes(timeout_s: float | None = None) -> Processes:
 def launcher_info() -> dict[str, Any]:
     """World size, backend and the launcher's settings, for a run's manifest."""
     return distributed.launcher_info()
+
+
+def lost_processes() -> str | None:
+    """A warning when a launcher asked for N processes but started one (accelerate's --cpu)."""
+    return distributed.lost_processes()
 
 
 T = TypeVar("T")
@@ -350,6 +356,7 @@ class TrainingClient:
             model_id=self.model_id,
             vocab_size=learner.vocab_size,
             trainable_params=sum(p.numel() for p in learner.params.values()),
+            max_context_length=learner.context,
         )
 
     async def get_info_async(self) -> GetInfoResponse:

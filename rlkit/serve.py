@@ -62,11 +62,25 @@ def vllm_command(overrides: list[str], vllm_flags: list[str]) -> list[str]:
     return command + vllm_flags
 
 
+USAGE = """usage: python -m rlkit.serve model=NAME [key=value ...] [-- VLLM_FLAGS ...]
+
+Starts vLLM's OpenAI-compatible server for a run's base model, with LoRA adapters of the run's
+rank loaded at runtime; train against it with engine=vllm_server engine.url=http://HOST:PORT.
+The key=value overrides are the run's (model=, adapter.rank=, model.dtype=, ...). It listens on
+127.0.0.1:8000 unless --host / --port come after `--`; everything after `--` goes to vLLM.
+
+  python -m rlkit.serve model=rlkit_small adapter.rank=16
+  python -m rlkit.serve model=qwen3_4b -- --port 8001 --tensor-parallel-size 2"""
+
+
 def main(argv: list[str]) -> None:
     overrides, vllm_flags = argv, []
     if "--" in argv:
         cut = argv.index("--")
         overrides, vllm_flags = argv[:cut], argv[cut + 1 :]
+    if {"-h", "--help"} & set(overrides):
+        print(USAGE)
+        return
     try:
         command = vllm_command(overrides, vllm_flags)
     except config.ConfigError as exc:

@@ -4,6 +4,7 @@ metrics and the learning-rate schedule, each against numbers worked out by hand.
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -89,11 +90,28 @@ def test_score_group_weights_and_keeps_components():
         (lambda c, p: [1.0, "1"], "non-finite or non-numeric"),
         (lambda c, p: None, "returned NoneType None; it must return a list of 2 numbers"),
         (lambda c, p: 1.0, "returned float 1.0; it must return a list of 2 numbers"),
+        # A dict iterates as its keys (0, 1): read as rewards, it trained on nonsense.
+        (lambda c, p: {i: 1.0 for i in range(len(c))}, "returned dict {0: 1.0, 1: 1.0}; it must"),
+        (lambda c, p: {0.5, 1.0}, "returned set"),
+        (lambda c, p: (x for x in [1.0, 2.0]), "returned generator"),
+        (lambda c, p: torch.ones(2, 1), r"returned a Tensor of shape \(2, 1\); it must return 2"),
+        (lambda c, p: [[1.0], [2.0]], r"non-numeric values \[\[1.0\], \[2.0\]\] \(list\)"),
     ],
 )
 def test_a_bad_reward_is_named(fn, message):
     with pytest.raises(RewardError, match=message):
         score_group([WeightedReward("bad", 1.0, fn)], ["a", "b"], problem([1, 1]))
+
+
+@pytest.mark.parametrize(
+    "returned",
+    [[1, 0.5], (True, 0.5), torch.tensor([1.0, 0.5]), np.array([1.0, 0.5]), [np.float32(1), 0.5]],
+)
+def test_a_reward_may_return_python_numpy_or_torch_numbers(returned):
+    scores = score_group(
+        [WeightedReward("r", 1.0, lambda c, p: returned)], ["a", "b"], problem([1, 1])
+    )
+    assert scores.total == [1.0, 0.5]
 
 
 # ---- the environment --------------------------------------------------------------------------

@@ -79,7 +79,26 @@ def test_resuming_with_another_config_warns_naming_the_keys(tmp_path, trainer, s
     err = " ".join(capsys.readouterr().err.split())
     base = compose(BASE)  # the recipe's values, whatever they are
     expected = f"optim.lr ({base.optim.lr} -> 0.5), steps ({base.steps} -> 99)"
-    assert f"differs from the checkpoint's: {expected}" in err
+    assert f"differs from the checkpoint's: {expected}" in err  # steps: the linear schedule
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        ["steps=99", "optim.schedule=constant"],  # no schedule depends on it: the same steps
+        ["checkpoint.every=3", "checkpoint.keep_last=5", "samples_every=1"],
+        ["distributed.timeout_s=10"],
+    ],
+)
+def test_resuming_with_keys_that_keep_the_bits_does_not_warn(
+    tmp_path, trainer, service, capsys, changes
+):
+    schedule = [c for c in changes if c.startswith("optim.")]
+    ckpt = saved(tmp_path, trainer, [0], *schedule)
+    fresh = service.create_lora_training_client("rlkit-tiny", rank=8, seed=0)
+    changed = compose([*BASE, "resume=auto", *changes])
+    assert checkpoint.Checkpointer(ckpt.run_dir, changed).resume(fresh).step == 0
+    assert "differs from the checkpoint's" not in capsys.readouterr().err
 
 
 def test_a_used_run_dir_needs_resume_auto(tmp_path):

@@ -152,7 +152,10 @@ def test_two_processes_repeat_bitwise_and_match_one_process_within_tolerance(tmp
     assert one_manifest["processes"] == {"world_size": 1}
     # Only the main process wrote: one .hydra record, each step logged once.
     assert [r["step"] for r in metrics(two)] == [-1, 0, 1, 2, 3, 4, 5, 6]
-    assert sorted(p.name for p in two.iterdir() if p.name.startswith(".")) == [".hydra"]
+    assert sorted(p.name for p in two.iterdir() if p.name.startswith(".")) == [
+        ".hydra",
+        ".rlkit.lock",
+    ]
 
 
 def test_a_killed_rank_fails_the_run_and_resume_completes_it_bitwise(tmp_path, cache, two):
@@ -226,3 +229,13 @@ def test_a_reward_that_raises_in_one_process_fails_the_run_naming_that_rank(tmp_
     assert done.returncode != 0
     assert "error: rank 1: " in out and "this reward fails on rank 1" in out, out[-3000:]
     assert "rank      : 1 (local_rank: 1)" in out, out[-3000:]
+
+
+def test_two_processes_and_one_group_train_on_the_process_that_has_it(tmp_path, cache):
+    """`groups_per_step=1` on 2 processes (the README's case): rank 1 has no group while rank 0
+    trains, every step; the step's loss is rank 0's (it was `float + None`)."""
+    run_dir = tmp_path / "run"
+    ok(run(2, run_dir, cache, "groups_per_step=1", "steps=2", "warmup.steps=1", timeout=240))
+    rows = [r for r in metrics(run_dir) if r["step"] >= 0 and "reward/mean" in r]
+    assert rows and all(r["train/frac_skipped_groups"] in (0.0, 1.0) for r in rows)
+    assert any(r["train/loss"] is not None for r in rows), rows

@@ -18,7 +18,14 @@ from rlkit.rl.envs.records import DataError
 from rlkit.rl.graders.numeric import Numeric
 from rlkit.rl.rewards.base import RewardError, WeightedReward
 from rlkit.rl.rewards.correct import correct_reward
-from rlkit.rl.rollouts import evaluate, group_datums, logprob_gaps, sample_groups, score_groups
+from rlkit.rl.rollouts import (
+    Limits,
+    evaluate,
+    group_datums,
+    logprob_gaps,
+    sample_groups,
+    score_groups,
+)
 from rlkit.rl.sft import completion_datum
 from rlkit.run.config import ConfigError, as_callable, compose, validate
 
@@ -131,6 +138,30 @@ def test_bad_data_names_the_line_and_the_field(tmp_path, content, kwargs, messag
     (tmp_path / "d.jsonl").write_text(content)
     with pytest.raises(DataError, match=message):
         DatasetEnv(str(tmp_path / "d.jsonl"), "q", "a", eval_fraction=0.0, **kwargs)
+
+
+def test_an_empty_held_out_set_and_a_leaking_one_are_named(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    env = dataset(path, eval_fraction=0.0)  # fine for training alone ...
+    with pytest.raises(DataError, match=r"env.eval_fraction=0.0 holds out no problems of env"):
+        env.eval_problems()  # ... but the trainer evaluates first: NaN accuracy before
+    dataset(path, eval_path=str(path))
+    err = capsys.readouterr().err
+    assert "warning: 20 of the 20 eval problems are also training problems (first: " in err
+
+
+def test_a_prompt_longer_than_the_context_names_its_record(tmp_path, trainer):
+    rows = [*ROWS, {"q": "x" * 3000, "a": "1", "sol": "1", "k": "big"}]
+    env = dataset(write_jsonl(tmp_path / "long.jsonl", rows), eval_fraction=0.0)
+    long = [p for p in env.train if len(p.messages[-1]["content"]) == 3000]
+    sampler = trainer.save_weights_and_get_sampling_client()
+    params = types.SamplingParams(max_tokens=4, temperature=1.0)
+    context = trainer.get_info().max_context_length
+    message = r"env DatasetEnv: .*long.jsonl line 21: the prompt is \d+ tokens, and the model's "
+    with pytest.raises(EnvError, match=message + f"context is {context}"):
+        sample_groups(
+            sampler, trainer.get_tokenizer(), env, long, 2, params, [1], limits=Limits(context)
+        )
 
 
 def test_unreadable_and_missing_data_sets_are_named(tmp_path):
@@ -310,6 +341,108 @@ def test_an_env_that_raises_is_named_or_its_group_skipped(trainer, capsys):
         score_groups(groups, rewards, "raise", step=8)
 
 
+class Endless(Echo):
+    """Never ends the episode: each observation is `size` characters."""
+
+    max_turns = 10**6
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def step(self, problem, transcript):
+        return "o" * self.size
+
+
+def test_an_episode_that_fills_the_context_ends_there_as_truncated(trainer):
+    tokenizer = trainer.get_tokenizer()
+    sampler = trainer.save_weights_and_get_sampling_client()
+    context = trainer.get_info().max_context_length
+    params = types.SamplingParams(max_tokens=8, temperature=1.0)
+    env = Endless(size=300)
+    problems = env.sample(random.Random(0), 2)
+    groups = sample_groups(
+        sampler, tokenizer, env, problems, 2, params, [3, 4], limits=Limits(context)
+    )
+    for group in groups:
+        for episode in group.episodes:
+            used = len(group.prompt) + len(episode.tokens)
+            # Ended because the next observation did not fit, not by max_turns or an error.
+            assert episode.truncated and episode.error is None and used <= context
+            assert used + len(tokenizer.encode("o" * 300)) >= context and episode.turns > 3
+    datums = [d for g in groups for d in group_datums(g, torch.tensor([1.0, -1.0]))]
+    trainer.forward_backward(datums, "importance_sampling").result()  # every datum fits
+
+
+def test_an_observation_that_alone_fills_the_context_names_the_env(trainer):
+    tokenizer = trainer.get_tokenizer()
+    sampler = trainer.save_weights_and_get_sampling_client()
+    context = trainer.get_info().max_context_length
+    params = types.SamplingParams(max_tokens=4, temperature=1.0)
+    env = Endless(size=1_000_000)
+    problems = env.sample(random.Random(0), 1)
+    message = rf"env Endless.step returned an observation of 1000000 tokens .*context of {context}"
+    with pytest.raises(EnvError, match=message):
+        sample_groups(sampler, tokenizer, env, problems, 2, params, [1], limits=Limits(context))
+    (group,) = sample_groups(
+        sampler, tokenizer, env, problems, 2, params, [1], "skip", limits=Limits(context)
+    )
+    assert all("1000000 tokens" in e.error for e in group.episodes)
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        (42, "env Bad.step returned int 42 .*it must return the observation as a str"),
+        (b"obs", "env Bad.step returned bytes b'obs'"),
+    ],
+)
+def test_an_observation_that_is_not_text_names_the_env(trainer, returned, message):
+    class Bad(Echo):
+        def step(self, problem, transcript):
+            return returned
+
+    sampler = trainer.save_weights_and_get_sampling_client()
+    params = types.SamplingParams(max_tokens=3, temperature=1.0)
+    problems = Bad().sample(random.Random(0), 1)
+    with pytest.raises(EnvError, match=message):
+        sample_groups(sampler, trainer.get_tokenizer(), Bad(), problems, 2, params, [1])
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        (lambda ps: ps[:1], r"Short.sample\(rng, 2, step=0\) returned 1 problems for the 2 asked"),
+        (lambda ps: [], "returned no problems"),
+        (lambda ps: None, "returned NoneType, not a list"),
+        (
+            lambda ps: ["2+2", *ps[1:]],
+            "returned a str '2\\+2' among its problems; each must be a Problem",
+        ),
+    ],
+)
+def test_what_an_env_samples_is_checked(returned, message):
+    from rlkit.rl.envs.base import draw
+
+    class Short(Echo):
+        def sample(self, rng, n, step=0):
+            return returned(super().sample(rng, n, step))
+
+    with pytest.raises(EnvError, match=message):
+        draw(Short(), random.Random(0), 2, 0)
+
+
+@pytest.mark.parametrize("turns", [0, -5, 1.5, True])
+def test_an_env_with_no_turns_is_refused(turns):
+    from rlkit.rl.envs.base import check_env
+
+    class NoTurns(Echo):
+        max_turns = turns
+
+    with pytest.raises(EnvError, match=rf"env NoTurns: max_turns must be an int >= 1, got {turns}"):
+        check_env(NoTurns())
+
+
 def test_eval_pass_at_k_and_env_metrics(trainer):
     tokenizer = trainer.get_tokenizer()
     sampler = trainer.save_weights_and_get_sampling_client()
@@ -333,3 +466,47 @@ def test_eval_pass_at_k_and_env_metrics(trainer):
         on_env_error="skip",
     )
     assert m_skip["eval/env_errors"] == 6 and m_skip["eval/accuracy"] == 0.0
+
+
+# ---- time limits on users' code -------------------------------------------------------------------
+def test_a_reward_that_hangs_fails_its_group_within_the_limit(capsys):
+    import re
+    import time
+
+    from rlkit.rl.rollouts import Episode, Group
+
+    def backtracks(completions, problem):  # a user's regex: exponential on "aaa...b"
+        text = "a" * 40 + ("b" if problem.answer == "2" else "")
+        return [float(bool(re.match(r"(a+)+$", text))) for _ in completions]
+
+    env = PairSumEnv(eval_size=2)
+    episodes = [Episode(text="<answer>2</answer>"), Episode(text="x")]
+    groups = [Group(env.make([1, 1]), [1], episodes), Group(env.make([2, 2]), [1], episodes)]
+    rewards = [WeightedReward("slow", 1.0, backtracks)]
+    started = time.monotonic()
+    with pytest.raises(RewardError, match=r"^reward 'slow' did not return within plugin_timeout_s"):
+        score_groups(groups, rewards, "raise", timeout_s=0.5)
+    assert time.monotonic() - started < 30  # it would run for hours
+    scores = score_groups(groups, rewards, "skip", step=3, timeout_s=0.5)
+    assert scores[0] is None and scores[1].total == [1.0, 1.0]  # the timer was disarmed
+    assert "RL step 3: skipped 1 of 2 groups" in capsys.readouterr().err
+
+
+def test_an_env_step_that_hangs_is_the_envs_error(trainer):
+    import time
+
+    class Hangs(Echo):
+        def step(self, problem, transcript):
+            while True:  # a tool that never answers
+                time.sleep(0.05)
+
+    sampler = trainer.save_weights_and_get_sampling_client()
+    params = types.SamplingParams(max_tokens=3, temperature=1.0)
+    problems = Hangs().sample(random.Random(0), 1)
+    limits = Limits(timeout_s=0.3)
+    args = (sampler, trainer.get_tokenizer(), Hangs(), problems, 2, params, [1])
+    message = r"env Hangs.step did not return within plugin_timeout_s=0.3 s \(problem"
+    with pytest.raises(EnvError, match=message):
+        sample_groups(*args, limits=limits)
+    (group,) = sample_groups(*args, "skip", limits=limits)
+    assert all("did not return within" in e.error for e in group.episodes)

@@ -92,6 +92,25 @@ def test_token_ids_outside_vocab_in_model_input(trainer):
         trainer.forward([bad], "cross_entropy").result()
 
 
+def test_a_datum_longer_than_the_context_is_refused_as_sample_refuses_it(trainer):
+    """It trained silently: positions past the context have no trained embedding."""
+    context = trainer.get_info().max_context_length
+
+    def of_length(n):
+        tokens = [10 + i % 200 for i in range(n)]
+        return types.Datum(
+            types.ModelInput.from_ints(tokens), {"target_tokens": tokens, "weights": [1.0] * n}
+        )
+
+    ok, long = of_length(context), of_length(context + 1)
+    trainer.forward([ok], "cross_entropy").result()
+    message = rf"datum 1: model_input has {context + 1} tokens, more than the model's context"
+    with pytest.raises(InvalidDatumError, match=message):
+        trainer.forward_backward([ok, long], "cross_entropy").result()
+    with pytest.raises(InvalidDatumError, match=message):
+        trainer.compute_reference_logprobs([ok, long]).result()
+
+
 def test_empty_inputs(trainer):
     with pytest.raises(InvalidDatumError, match="empty list of datums"):
         trainer.forward_backward([], "cross_entropy").result()

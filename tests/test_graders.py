@@ -227,3 +227,68 @@ def test_there_is_a_yaml_for_each_grader():
         "math",
         "regex",
     }
+
+
+# ---- what a model writes is adversarial: linear-time parsing -----------------------------------
+def _old_last_boxed(text):
+    """The quadratic original (a scan to the end from every opener): the oracle."""
+    import re
+
+    found = None
+    for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, start = 1, match.end()
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                found = text[start:i].strip()
+                break
+    return found
+
+
+def _old_unwrap(text):
+    import re
+
+    wrapper = re.compile(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}")
+    while wrapper.search(text):
+        text = wrapper.sub(r"\1", text)
+    return text
+
+
+def test_the_linear_parsers_agree_with_the_quadratic_ones_on_random_text():
+    import random
+
+    from rlkit.rl.graders.math_answer import _unwrap, last_boxed
+
+    pieces = ["\\boxed{", "\\fbox {", "\\text{", "\\mathrm{", "{", "}", "}", "1", "x", " "]
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        assert last_boxed(text) == _old_last_boxed(text), text
+        assert _unwrap(text) == _old_unwrap(text), text
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "\\boxed{" * 50_000,  # 350 KB: did not finish in 60 s
+        "<answer>" * 50_000,  # a lazy regex rescans to the end from every unclosed tag
+        "\\boxed{" + "\\text{" * 5_000 + "5" + "}" * 5_001,  # nested wrappers, inside the cap
+    ],
+)
+def test_hostile_completions_are_graded_in_linear_time(completion):
+    """Each took seconds to minutes when quadratic; now well under a second (no timing asserted:
+    a quadratic parser would hang this test instead)."""
+    boxed = completion.startswith("\\boxed{\\text")
+    assert MathAnswer()(completion, "5") == Grade(correct=boxed, formatted=boxed)
+    assert ExactMatch()(completion, "5").formatted is False
+    assert Numeric()(completion, "5").formatted is False
+
+
+def test_nested_wrappers_normalise_in_one_pass_and_graders_read_a_bounded_length():
+    from rlkit.rl.graders.base import MAX_READ
+
+    assert normalize_latex("\\text{" * 20_000 + "5" + "}" * 20_000) == "5"  # took 50 s
+    # A tag is read in the first MAX_READ characters, a box in the last.
+    assert tagged("<answer>" * 1_000 + "7</answer>", "answer") == "<answer>" * 999 + "7"
+    assert tagged("x" * MAX_READ + "<answer>7</answer>", "answer") is None
+    assert MathAnswer()("\\boxed{5}" + "x" * MAX_READ, "5").formatted is False

@@ -372,9 +372,9 @@ def test_entropy_bonus_in_the_learner_matches_the_logits_formula(trainer):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["kl.coef=-0.1"], "kl.coef must be >= 0, got -0.1"),
+        (["kl.coef=-0.1"], "kl.coef must be a finite number >= 0, got -0.1"),
         (["kl.coef=inf"], "kl.coef must be a finite number"),
-        (["loss.entropy_coef=-1"], "loss.entropy_coef must be >= 0"),
+        (["loss.entropy_coef=-1"], "loss.entropy_coef must be a finite number >= 0"),
         (["kl.coef=0.1", "kl.estimator=k1"], "kl.estimator=k1 with kl.placement=loss"),
         (["loss=gspo", "loss.aggregation=token_sum"], "loss=gspo with loss.aggregation=token_sum"),
         (["minibatches=1000"], "minibatches=1000 exceeds the batch"),

@@ -162,6 +162,7 @@ def test_manifest_records_what_decides_the_bits(reference):
     assert record["engine"] in ENGINES
     det = record["determinism"]
     assert det["torch_deterministic_algorithms"] is True and det["torch_num_threads"] == 1
+    assert det["engine_batch_rows"] == (256 if record["engine"] == "hf" else None)
     assert record["env"]["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert set(manifest.KERNEL_ENV_VARS) <= set(record["env"])
     # Wall-clock timings live apart, so two runs' metrics can match byte for byte.
@@ -270,3 +271,27 @@ def test_two_processes_with_different_hash_seeds_write_identical_files(tmp_path,
         runs.append(run_dir)
     assert compare.main(["compare", str(runs[0]), str(runs[1])]) == 0, capsys.readouterr().out
     assert compare.differing_files(runs[0] / "adapter", runs[1] / "adapter") == []
+
+
+def test_sigterm_in_the_warm_start_stops_after_its_step_and_resumes_exactly(tmp_path, capsys):
+    """SIGTERM during the warm start used to run all of it (134 s on pair_sum) before stopping:
+    now it stops after the current supervised step with a checkpoint of the warm start's
+    progress, and resume=auto finishes the run bitwise as if nothing had happened."""
+    longer = ("warmup.steps=5",)
+    reference = tmp_path / "reference"
+    run_inprocess(reference, "hf", *longer)
+
+    run_dir = tmp_path / "stopped" / "run"
+    run_dir.parent.mkdir()
+    proc = start_cli(run_dir, "hf", *longer, env={"RLKIT_FAULT": "sigterm-in-warmup:2"})
+    assert proc.wait(timeout=300) == 0, proc.stderr_text()
+    err = proc.stderr_text()
+    assert "Traceback" not in err
+    assert "stopped by SIGTERM during the warm start, with 2 of 5 supervised steps done" in err
+    state = json.loads((run_dir / "checkpoints" / "step_000000" / "trainer_state.json").read_text())
+    assert state["warmup"]["done"] == 2
+    assert not (run_dir / "metrics.jsonl").read_text()  # nothing logged yet
+
+    run_inprocess(run_dir, "hf", *longer, "resume=auto")
+    assert "in the warm start, after step 2" in capsys.readouterr().err
+    assert_same_as(reference, run_dir)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# torch.manual_seed takes a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -24,6 +27,8 @@ class AdapterSpec:
     def __post_init__(self) -> None:
         if int(self.rank) != self.rank or self.rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
         if not (self.train_attn or self.train_mlp or self.train_unembed):
             raise ValueError("at least one of train_attn, train_mlp, train_unembed must be True")
 

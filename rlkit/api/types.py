@@ -240,3 +240,5 @@ class GetInfoResponse:
     model_id: str
     vocab_size: int
     trainable_params: int
+    # The longest sequence (prompt + completion) the model takes, in tokens (local extension).
+    max_context_length: int | None = None

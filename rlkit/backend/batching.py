@@ -38,7 +38,13 @@ def _check_ids(where: str, ids: torch.Tensor, vocab_size: int) -> None:
 
 
 def _to_sequence(
-    i: int, datum: Datum, spec: LossSpec, loss_fn: str, vocab_size: int, config: dict
+    i: int,
+    datum: Datum,
+    spec: LossSpec,
+    loss_fn: str,
+    vocab_size: int,
+    config: dict,
+    context: int | None = None,
 ) -> TokenRow:
     where = f"datum {i}"
     if not hasattr(datum, "model_input") or not hasattr(datum, "loss_fn_inputs"):
@@ -47,6 +53,11 @@ def _to_sequence(
     n = tokens.shape[0]
     if n == 0:
         raise InvalidDatumError(f"{where}: model_input is empty")
+    if context is not None and n > context:
+        # Positions past the context have no trained embedding: the loss would be garbage.
+        raise InvalidDatumError(
+            f"{where}: model_input has {n} tokens, more than the model's context of {context}"
+        )
     _check_ids(f"{where}: model_input", tokens, vocab_size)
 
     required = spec.required_inputs(config)
@@ -90,14 +101,21 @@ def _to_sequence(
 
 
 def to_rows(
-    datums, spec: LossSpec, loss_fn: str, vocab_size: int, config: dict | None = None
+    datums,
+    spec: LossSpec,
+    loss_fn: str,
+    vocab_size: int,
+    config: dict | None = None,
+    context: int | None = None,
 ) -> list[TokenRow]:
     if not isinstance(datums, list | tuple):
         raise InvalidDatumError(f"expected a list of Datum, got {type(datums).__name__}")
     if not datums:
         raise InvalidDatumError("got an empty list of datums; pass at least one Datum")
     config = config or {}
-    return [_to_sequence(i, d, spec, loss_fn, vocab_size, config) for i, d in enumerate(datums)]
+    return [
+        _to_sequence(i, d, spec, loss_fn, vocab_size, config, context) for i, d in enumerate(datums)
+    ]
 
 
 def microbatches(seqs: list[TokenRow], max_tokens: int) -> list[list[int]]:

@@ -21,6 +21,7 @@ import os
 import pickle
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -173,6 +174,33 @@ def device(requested: str | None) -> str | None:
     if requested in (None, "cuda"):
         return f"cuda:{current().local_rank}"
     return requested
+
+
+def lost_processes() -> str | None:
+    """A warning when a launcher was asked for several processes but started one:
+    `accelerate launch --cpu --num_processes N` runs a single process (its CPU launcher), which
+    sets no WORLD_SIZE; the parent's command line says what was asked for."""
+    if launched() or os.environ.get("ACCELERATE_USE_CPU") != "True":
+        return None
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return None
+    asked = next(
+        (
+            argv[i + 1]
+            for i, a in enumerate(argv[:-1])
+            if a in ("--num_processes", "--num-processes")
+        ),
+        "1",
+    )
+    if not asked.isdigit() or int(asked) < 2:
+        return None
+    return (
+        f"warning: accelerate launch was asked for {asked} processes, but with --cpu it starts "
+        f"one: this run is 1 process. For {asked} processes on CPU (gloo), launch with "
+        f"--multi_gpu --num_processes {asked}"
+    )
 
 
 def launcher_info() -> dict[str, Any]:

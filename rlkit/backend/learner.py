@@ -122,7 +122,9 @@ class Learner:
             Datum(d.model_input, {"target_tokens": d.loss_fn_inputs["target_tokens"]})
             for d in datums
         ]
-        seqs = to_rows(plain, LossSpec(fn=None, inputs=()), "reference", self.vocab_size)
+        seqs = to_rows(
+            plain, LossSpec(fn=None, inputs=()), "reference", self.vocab_size, None, self.context
+        )
         training = self.model.training
         self.model.eval()
         out: list[TensorData] = [None] * len(seqs)  # type: ignore[list-item]
@@ -174,7 +176,7 @@ class Learner:
     def forward(self, datums, loss_fn: str, loss_fn_config: dict | None, backward: bool):
         spec = get_loss(loss_fn)
         config = spec.resolve_config(loss_fn, loss_fn_config)
-        seqs = to_rows(datums, spec, loss_fn, self.vocab_size, config)
+        seqs = to_rows(datums, spec, loss_fn, self.vocab_size, config, self.context)
         outputs: list[dict[str, TensorData]] = [{} for _ in seqs]
         total = 0.0
         self.model.train(backward)
@@ -265,8 +267,13 @@ class Learner:
         self._served = snapshot
         return {"sync/seconds": time.perf_counter() - t, "sync/probe_mismatch": mismatch}
 
+    @property
+    def context(self) -> int:
+        """The longest sequence the model takes (prompt and completion), in tokens."""
+        return self.model.config.max_position_embeddings
+
     def check_context(self, prompt: list[int], max_tokens: int | None) -> int:
-        context = self.model.config.max_position_embeddings
+        context = self.context
         limit = context - len(prompt)
         max_tokens = max_tokens or limit
         if max_tokens > limit:
@@ -338,7 +345,18 @@ class Learner:
                 f"rank={state['adapter']['rank']}, but this client has "
                 f"base_model={self.base_model!r} rank={self.spec.rank}"
             )
-        weights = load_file(path / "adapter_model.safetensors", device=str(self.device))
+        file = path / "adapter_model.safetensors"
+        if not file.is_file():  # missing, a folder, a link to a device or to nothing
+            what = f"a link to {file.resolve()}" if file.is_symlink() else "missing"
+            raise RlkitError(f"checkpoint {path}: {file.name} is {what}, not a weights file")
+        try:
+            weights = load_file(file, device=str(self.device))
+        except Exception as exc:  # safetensors' own: "header too large", "invalid JSON", ...
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise RlkitError(
+                f"checkpoint {path}: cannot read {file} as safetensors ({type(exc).__name__}: "
+                f"{first}); the file is truncated or not an adapter"
+            ) from None
         result = set_peft_model_state_dict(self.model, weights)
         if result.unexpected_keys:
             raise RlkitError(f"checkpoint {path} has unexpected tensors {result.unexpected_keys}")
@@ -369,4 +387,14 @@ def read_state(path: Path) -> dict:
     state_file = Path(path) / STATE_FILE
     if not state_file.exists():
         raise RlkitError(f"{path} is not an rlkit checkpoint (no {STATE_FILE})")
-    return json.loads(state_file.read_text())
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise RlkitError(f"cannot read {state_file}: {exc}") from None
+    if not isinstance(state, dict):
+        raise RlkitError(f"{state_file} holds {type(state).__name__}, not a JSON object")
+    if missing := [k for k in ("base_model", "adapter", "step") if k not in state]:
+        raise RlkitError(f"{state_file} has no {', '.join(missing)}: not an rlkit checkpoint")
+    if not isinstance(state["adapter"], dict) or "rank" not in state["adapter"]:
+        raise RlkitError(f"{state_file}: 'adapter' is {state['adapter']!r:.60}, not its settings")
+    return state

@@ -37,8 +37,10 @@ from omegaconf import DictConfig
 
 from rlkit.api import types
 from rlkit.rl import sft
+from rlkit.rl.envs.base import check_env, draw
 from rlkit.rl.rewards.base import WeightedReward
 from rlkit.rl.rollouts import (
+    Limits,
     Share,
     evaluate,
     group_datums,
@@ -72,7 +74,7 @@ PHASES = ("sample", "score", "train", "sync")
 
 @stop_on_signals  # Ctrl-C / SIGTERM: finish the step, write a checkpoint, exit 0
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    env = as_callable(cfg.env, "env")
+    env = check_env(as_callable(cfg.env, "env"))
     rewards = build_rewards(cfg.reward)
     advantage_fn = as_callable(cfg.advantage, "advantage")
     adam = adam_params(cfg.optim)
@@ -82,23 +84,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     )
     with Session.open(cfg, run_dir) as run:  # clients, outputs, checkpoints; resumes if asked
         trainer, tokenizer = run.trainer, run.trainer.get_tokenizer()
+        # Episodes end where the model's context is full; users' code runs under a time limit.
+        limits = Limits(trainer.get_info().max_context_length, cfg.plugin_timeout_s)
         procs = run.processes  # this process's rank among N (N = 1 without a launcher)
-        if cfg.warmup.steps and not run.resumed.path:
+        if cfg.warmup.steps and (not run.resumed.path or run.resumed.warmup):
             warm_start(run, env)  # leaves its adapter in checkpoints/warm_start
+            if run.stopped:
+                raise SystemExit(0)  # stopped during it: a checkpoint holds its progress
         if cfg.kl.coef:
             trainer.set_reference(kl_reference(cfg, run)).result()
         sampler = trainer.save_weights_and_get_sampling_client()
         for step in run.steps():  # checkpoints when due; ends early on Ctrl-C / SIGTERM
             metrics = {"step": step}
             if step % cfg.eval_every == 0:
-                metrics |= run_eval(cfg, sampler, env, tokenizer, params, procs, step)
+                metrics |= run_eval(cfg, sampler, env, tokenizer, params, procs, limits, step)
 
             # Problems and sampling seeds are functions of (seed, step): a resumed run draws the
             # same, whatever its number of processes. Each process takes whole groups (rank,
             # rank + N, ...), so advantages stay within a group.
             with timed(metrics, "time/sample"):
                 rng = seeds.rng(cfg.seed, "problems", step)
-                problems_P = env.sample(rng, cfg.groups_per_step, step)
+                problems_P = draw(env, rng, cfg.groups_per_step, step)
                 seeds_P = [
                     seeds.derive_seed(cfg.seed, "rollout", step, i) for i in range(len(problems_P))
                 ]
@@ -112,12 +118,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                     params,
                     [seeds_P[i] for i in mine],
                     cfg.on_env_error,
+                    limits,
                 )
 
             with timed(metrics, "time/score"):
                 if cfg.kl.coef:  # the reference's logprobs: one forward pass
                     attach_reference(trainer, groups, str(cfg.kl.estimator))
-                scores = score_groups(groups, rewards, cfg.on_reward_error, step, procs)
+                scores = score_groups(
+                    groups, rewards, cfg.on_reward_error, step, procs, cfg.plugin_timeout_s
+                )
                 shape_rewards(cfg, env, groups, scores)  # KL in the reward, overlong penalty
                 datums_D, skipped = [], 0
                 for group, group_scores in zip(groups, scores, strict=True):
@@ -165,7 +174,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             shares = procs.gather(share, "step results")
             if shares is not None:
                 step_all = merge(shares)
-                metrics |= rollout_metrics(step_all.groups, step_all.scores, env)
+                metrics |= rollout_metrics(
+                    step_all.groups, step_all.scores, env, cfg.plugin_timeout_s
+                )
                 metrics["train/frac_skipped_groups"] = step_all.skipped / len(problems_P)
                 if step_all.gaps is not None:
                     metrics["train/loss"] = step_all.loss
@@ -177,11 +188,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
         if run.stopped:
             raise SystemExit(0)  # the checkpoint is written and the resume command printed
-        run.log({"step": cfg.steps, **run_eval(cfg, sampler, env, tokenizer, params, procs)})
+        final = run_eval(cfg, sampler, env, tokenizer, params, procs, limits)
+        run.log({"step": cfg.steps, **final})
         return run.finish()
 
 
-def run_eval(cfg, sampler, env, tokenizer, params, procs, step: int | None = None):
+def run_eval(cfg, sampler, env, tokenizer, params, procs, limits, step: int | None = None):
     """The held-out eval at `eval_temperature`, `eval_samples` episodes per problem; sampling
     seeds are functions of (seed, step, problem), like the rollouts'."""
     step = cfg.steps if step is None else step
@@ -195,6 +207,7 @@ def run_eval(cfg, sampler, env, tokenizer, params, procs, step: int | None = Non
         cfg.eval_samples,
         [seeds.derive_seed(cfg.seed, "eval", step, i) for i in range(n)],
         cfg.on_env_error,
+        limits,
     )
 
 
@@ -214,13 +227,17 @@ def warm_start(run: Session, env) -> None:
     cfg = run.cfg
     adam = types.AdamParams(learning_rate=cfg.warmup.lr, grad_clip_norm=1.0)
     t0 = time.time()
+    rng, start = seeds.rng(cfg.seed, "warmup"), 0
+    if run.resumed.warmup:  # stopped during the warm start: go on from there
+        start = run.resumed.warmup["done"]
+        rng.setstate(seeds.rng_state(run.resumed.warmup["rng"]))
     with progress_bar(show=run.processes.is_main) as bar:
         task = bar.add_task("warm start (SFT)", total=cfg.warmup.steps, status="")
+        bar.update(task, completed=start)
 
         def on_step(_step, m):
             bar.update(task, advance=1, status=f"loss {m['sft/loss']:.3f}")
 
-        rng = seeds.rng(cfg.seed, "warmup")
         losses = sft.warm_start(
             run.trainer,
             env,
@@ -230,7 +247,11 @@ def warm_start(run: Session, env) -> None:
             adam,
             on_step,
             run.processes,
+            start,
+            run.checkpoints.stop_in_warmup,  # Ctrl-C / SIGTERM: a checkpoint, then stop
         )
+    if run.stopped:
+        return
     run.metrics_out.write(
         {"step": -1, "sft/final_loss": losses[-1], "time/warmup": time.time() - t0}
     )

@@ -9,6 +9,8 @@ so the metrics are computed exactly as in a single-process run.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -16,11 +18,21 @@ from rich.markup import escape
 
 from rlkit.api import losses, types
 from rlkit.client import Processes
-from rlkit.rl.envs.base import Env, EnvError, Grade, Problem
+from rlkit.rl.envs.base import Env, EnvError, Grade, Problem, env_name
+from rlkit.rl.limits import TimeLimitExceeded, time_limit
 from rlkit.rl.rewards.base import GroupScores, RewardError, WeightedReward, score_group
 from rlkit.rl.sft import prompt_tokens
 from rlkit.run import seeds
 from rlkit.run.outputs import console
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What bounds an episode and a call of users' code: the model's context in tokens (None:
+    unbounded), and the seconds a reward, grader or env step may take (0: no limit)."""
+
+    context: int | None = None
+    timeout_s: float = 0.0
 
 
 @dataclass
@@ -51,8 +63,7 @@ class Episode:
         self.text += tokenizer.decode(sequence.tokens, skip_special_tokens=True)
         self.turns += 1
 
-    def observe(self, observation: str, tokenizer) -> None:
-        tokens = tokenizer.encode(observation, add_special_tokens=False)
+    def observe(self, observation: str, tokens: list[int]) -> None:
         self.tokens += tokens
         self.logprobs += [0.0] * len(tokens)
         self.model_mask += [False] * len(tokens)
@@ -81,19 +92,38 @@ def sample_groups(
     params,
     seeds_P=None,
     on_env_error: str = "raise",
+    limits: Limits | None = None,
 ) -> list[Group]:
     """`group_size` episodes per problem. The first turn is one request per problem; each later
     turn one request per episode still running, all of a turn's requests submitted before any
     result is read (the engine runs them as one batch). `seeds_P`: one sampling seed per
-    problem (later turns derive theirs from it), so rollouts do not depend on call order."""
+    problem (later turns derive theirs from it), so rollouts do not depend on call order.
+
+    `limits.context`, the model's longest sequence: a turn's `max_tokens` shrinks to what is left of
+    it, and an episode whose next observation would fill it ends there, counted as truncated
+    (like a turn that hits `max_tokens`). A prompt or an observation that alone does not fit
+    is the env's error (`on_env_error`), as is a step that runs past `limits.timeout_s`."""
+    limits = limits or Limits()
+    context = limits.context
     params = replace(params, stop=[*(params.stop or []), *env.stop] or None)
     groups = [
         Group(p, prompt_tokens(tokenizer, p.messages), [Episode() for _ in range(group_size)])
         for p in problems_P
     ]
+    for group in groups:
+        if context is not None and len(group.prompt) >= context:
+            where = group.problem.info.get("where") or f"problem {_describe(group.problem)}"
+            raise EnvError(
+                f"env {env_name(env)}: {where}: the prompt is {len(group.prompt)} tokens, and "
+                f"the model's context is {context}: nothing is left for the answer"
+            )
     seeds_P = seeds_P or [params.seed] * len(groups)
     futures = [
-        sampler.sample(types.ModelInput.from_ints(g.prompt), group_size, _seeded(params, seed))
+        sampler.sample(
+            types.ModelInput.from_ints(g.prompt),
+            group_size,
+            _fitted(_seeded(params, seed), len(g.prompt), context),
+        )
         for g, seed in zip(groups, seeds_P, strict=True)
     ]
     for group, future in zip(groups, futures, strict=True):
@@ -104,18 +134,21 @@ def sample_groups(
         live = [
             (i, j)
             for i, j in live
-            if _observe(env, groups[i].problem, groups[i].episodes[j], tokenizer, on_env_error)
+            if _observe(env, groups[i], groups[i].episodes[j], tokenizer, on_env_error, limits)
         ]
         if not live:
             break
-        futures = [
-            sampler.sample(
-                types.ModelInput.from_ints(groups[i].prompt + groups[i].episodes[j].tokens),
-                1,
-                _seeded(params, _turn_seed(seeds_P[i], turn, j)),
+        futures = []
+        for i, j in live:
+            tokens = groups[i].prompt + groups[i].episodes[j].tokens
+            turn_params = _seeded(params, _turn_seed(seeds_P[i], turn, j))
+            futures.append(
+                sampler.sample(
+                    types.ModelInput.from_ints(tokens),
+                    1,
+                    _fitted(turn_params, len(tokens), context),
+                )
             )
-            for i, j in live
-        ]
         for (i, j), future in zip(live, futures, strict=True):
             groups[i].episodes[j].act(future.result().sequences[0], tokenizer)
     return groups
@@ -125,26 +158,61 @@ def _seeded(params: types.SamplingParams, seed: int | None) -> types.SamplingPar
     return params if seed is None else replace(params, seed=seed)
 
 
+def _fitted(params: types.SamplingParams, used: int, context: int | None):
+    """`params` with max_tokens cut to what the context has left after `used` tokens."""
+    if context is None or params.max_tokens is None or used + params.max_tokens <= context:
+        return params
+    return replace(params, max_tokens=context - used)
+
+
 def _turn_seed(seed: int | None, turn: int, episode: int) -> int | None:
     return None if seed is None else seeds.derive_seed(seed, "turn", turn, episode)
 
 
-def _observe(env: Env, problem: Problem, episode: Episode, tokenizer, on_env_error: str) -> bool:
+def _describe(problem: Problem) -> str:
+    return f"{problem.messages[-1]['content']!r:.80}"
+
+
+def _observe(
+    env: Env, group: Group, episode: Episode, tokenizer, on_env_error: str, limits: Limits
+) -> bool:
     """The environment's answer to the episode's last turn; False when the episode is over."""
+    problem, context = group.problem, limits.context
+    where = f"(problem {_describe(problem)}, turn {episode.turns})"
     try:
-        observation = env.step(problem, episode.text)
-    except Exception as exc:
-        message = (
-            f"env {type(env).__name__}.step raised {type(exc).__name__}: {exc} "
-            f"(problem {problem.messages[-1]['content']!r:.80}, turn {episode.turns})"
-        )
+        try:
+            with time_limit(limits.timeout_s, f"env {env_name(env)}.step"):
+                observation = env.step(problem, episode.text)
+        except TimeLimitExceeded as exc:
+            raise EnvError(f"{exc} {where}") from None
+        except Exception as exc:
+            raise EnvError(
+                f"env {env_name(env)}.step raised {type(exc).__name__}: {exc} {where}"
+            ) from exc
+        if observation is None:
+            return False
+        if not isinstance(observation, str):
+            raise EnvError(
+                f"env {env_name(env)}.step returned {type(observation).__name__} "
+                f"{observation!r:.60} {where}; it must return the observation as a str, or "
+                "None to end the episode"
+            )
+        tokens = tokenizer.encode(observation, add_special_tokens=False)
+        if context is not None and len(group.prompt) + len(tokens) >= context:
+            raise EnvError(
+                f"env {env_name(env)}.step returned an observation of {len(tokens)} tokens "
+                f"{where}: with the prompt's {len(group.prompt)} it alone fills the model's "
+                f"context of {context}"
+            )
+    except EnvError as exc:
         if on_env_error == "raise":
-            raise EnvError(f"{message}; on_env_error=skip skips the episode's group") from exc
-        episode.error = message
+            raise EnvError(f"{exc}; on_env_error=skip skips the episode's group") from exc
+        episode.error = str(exc)
         return False
-    if observation is None:
+    if context is not None and len(group.prompt) + len(episode.tokens) + len(tokens) >= context:
+        episode.truncated = True  # the context is full: the episode ends here
         return False
-    episode.observe(observation, tokenizer)
+    episode.observe(observation, tokens)
     return True
 
 
@@ -154,8 +222,10 @@ def score_groups(
     on_error: str,
     step: int = 0,
     processes: Processes | None = None,
+    timeout_s: float = 0.0,
 ) -> list[GroupScores | None]:
-    """Each group's rewards. A reward that fails raises (on_error=raise), or its group is
+    """Each group's rewards. A reward that fails (raises, returns something else than one real
+    number per completion, or runs past `timeout_s`) raises (on_error=raise), or its group is
     None (skip), with a warning for the step; so is a group where the environment failed
     (on_env_error=skip). A step where every group failed (in every process) raises anyway: a
     run that trains on nothing must not look like one that trains."""
@@ -168,7 +238,7 @@ def score_groups(
             errors.append(env_error)
             continue
         try:
-            scores_P.append(score_group(rewards, group.completions, group.problem))
+            scores_P.append(score_group(rewards, group.completions, group.problem, timeout_s))
         except RewardError as exc:
             if on_error == "raise":
                 raise
@@ -218,10 +288,19 @@ def group_datums(
     return datums
 
 
-def rollout_metrics(groups_P: list[Group], scores_P: list, env: Env) -> dict[str, float]:
+def rollout_metrics(
+    groups_P: list[Group], scores_P: list, env: Env, timeout_s: float = 0.0
+) -> dict[str, float]:
     """Rewards (total and per reward), accuracy as the env grades it, lengths, entropy, and the
-    env's own episode metrics (`env/NAME`)."""
+    env's own episode metrics (`env/NAME`). Accuracy and the env's metrics are over the groups
+    that were scored: a group whose reward or environment failed is not graded again."""
     scored = [s for s in scores_P if s is not None]
+    graded = [
+        (g.problem, e)
+        for g, s in zip(groups_P, scores_P, strict=True)
+        if s is not None
+        for e in g.episodes
+    ]
     components: dict[str, list[float]] = {}
     for scores in scored:
         for name, values in scores.components.items():
@@ -233,7 +312,7 @@ def rollout_metrics(groups_P: list[Group], scores_P: list, env: Env) -> dict[str
     metrics = {
         "reward/mean": mean(v for s in scored for v in s.total),
         **{f"reward/{name}": mean(values) for name, values in components.items()},
-        "train/accuracy": mean(env.grade(p, e.text).correct for p, e in episodes),
+        "train/accuracy": mean(grade(env, p, e.text, timeout_s).correct for p, e in graded),
         "train/completion_tokens": mean(sum(e.model_mask) for _, e in episodes),
         # Monte Carlo estimate of the sampler's per-token entropy: mean of -log p(sampled token).
         "train/entropy": -mean(model_logprobs),
@@ -247,14 +326,41 @@ def rollout_metrics(groups_P: list[Group], scores_P: list, env: Env) -> dict[str
         metrics["train/kl_ref"] = sum(e.kl_ref for _, e in episodes) / max(
             sum(sum(e.model_mask) for _, e in episodes), 1
         )
-    return metrics | env_metrics(env, episodes, "env")
+    return metrics | env_metrics(env, graded, "env", timeout_s)
 
 
-def env_metrics(env: Env, episodes, prefix: str) -> dict[str, float]:
+def grade(env: Env, problem: Problem, transcript: str, timeout_s: float = 0.0) -> Grade:
+    """`env.grade`, bounded by `timeout_s` and checked: an EnvError naming the env otherwise."""
+    try:
+        with time_limit(timeout_s, f"env {env_name(env)}.grade"):
+            result = env.grade(problem, transcript)
+    except TimeLimitExceeded as exc:
+        raise EnvError(f"{exc} (problem {_describe(problem)})") from None
+    if not isinstance(result, Grade):
+        raise EnvError(
+            f"env {env_name(env)}.grade returned {type(result).__name__} {result!r:.60}; it "
+            "must return a Grade(correct, formatted)"
+        )
+    return result
+
+
+def env_metrics(env: Env, episodes, prefix: str, timeout_s: float = 0.0) -> dict[str, float]:
     """The env's metrics of each (problem, episode), averaged, as `PREFIX/NAME`."""
     values: dict[str, list[float]] = {}
     for problem, episode in episodes:
-        for name, value in env.metrics(problem, episode.text).items():
+        try:
+            with time_limit(timeout_s, f"env {env_name(env)}.metrics"):
+                found = env.metrics(problem, episode.text)
+        except TimeLimitExceeded as exc:
+            raise EnvError(f"{exc} (problem {_describe(problem)})") from None
+        if not isinstance(found, Mapping) or not all(
+            isinstance(v, numbers.Real) for v in found.values()
+        ):
+            raise EnvError(
+                f"env {env_name(env)}.metrics returned {type(found).__name__} {found!r:.60}; it "
+                "must return a dict of names to numbers"
+            )
+        for name, value in found.items():
             values.setdefault(f"{prefix}/{name}", []).append(float(value))
     return {name: mean(v) for name, v in sorted(values.items())}
 
@@ -293,7 +399,9 @@ class Share:
     scores: list[GroupScores | None]
     skipped: int = 0
     gaps: torch.Tensor | None = None
-    loss: float = 0.0
+    # The loss of its first optimizer step's datums; None when it had none to train on (a
+    # process without groups, or whose groups were all skipped, while another trained).
+    loss: float | None = None
 
 
 def merge(shares: list[Share]) -> Share:
@@ -310,7 +418,7 @@ def merge(shares: list[Share]) -> Share:
         scores=[sc for _, _, sc in order],
         skipped=sum(s.skipped for s in shares),
         gaps=torch.cat(gaps) if gaps else None,
-        loss=sum(s.loss for s in shares),
+        loss=sum(s.loss for s in shares if s.loss is not None),
     )
 
 
@@ -323,6 +431,7 @@ def evaluate(
     samples: int = 1,
     seeds_P: list[int] | None = None,
     on_env_error: str = "raise",
+    limits: Limits | None = None,
 ) -> dict[str, float]:
     """Accuracy and format rate on the env's fixed held-out problems, as the env grades them, at
     `params.temperature` (the run's `eval_temperature`): `samples` episodes per problem, and
@@ -343,13 +452,20 @@ def evaluate(
         params,
         None if seeds_P is None else [seeds_P[i] for i in mine],
         on_env_error,
+        limits,
     )
+    timeout_s = (limits or Limits()).timeout_s
     graded = [
-        (i, [_grade(env, g.problem, e) for e in g.episodes], g.problem.info.get("tag"))
+        (
+            i,
+            [_grade(env, g.problem, e, timeout_s, on_env_error) for e in g.episodes],
+            g.problem.info.get("tag"),
+        )
         for i, g in zip(mine, groups, strict=True)
     ]
     episodes = [(g.problem, e) for g in groups for e in g.episodes if not e.error]
-    shares = processes.gather((graded, env_metrics(env, episodes, "eval")), "eval results")
+    metrics_env = env_metrics(env, episodes, "eval", timeout_s)
+    shares = processes.gather((graded, metrics_env), "eval results")
     if shares is None:
         return {}
     results = sorted((r for share, _ in shares for r in share), key=lambda r: r[0])
@@ -368,8 +484,20 @@ def evaluate(
     return metrics
 
 
-def _grade(env: Env, problem: Problem, episode: Episode) -> Grade | None:
-    return None if episode.error else env.grade(problem, episode.text)
+def _grade(
+    env: Env, problem: Problem, episode: Episode, timeout_s: float, on_env_error: str
+) -> Grade | None:
+    """The episode's grade; None (counted in eval/env_errors) when its env failed, or when
+    grading it failed and on_env_error=skip."""
+    if episode.error:
+        return None
+    try:
+        return grade(env, problem, episode.text, timeout_s)
+    except EnvError as exc:
+        if on_env_error == "raise":
+            raise
+        episode.error = str(exc)
+        return None
 
 
 def _accuracy(results, samples: int, tag: str) -> dict[str, float]:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from rlkit.api import types
 from rlkit.client import Processes
-from rlkit.rl.envs.base import Env, Problem
+from rlkit.rl.envs.base import Env, Problem, draw
 
 
 def prompt_tokens(tokenizer, messages: Sequence[dict]) -> list[int]:
@@ -46,8 +46,12 @@ def train(
     adam: types.AdamParams,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     processes: Processes | None = None,
+    start: int = 0,
+    stop: Callable[[int], bool] | None = None,
 ) -> list[float]:
-    """`steps` rounds of forward_backward + optim_step; returns the mean loss per target token.
+    """Steps `start` .. `steps - 1` of forward_backward + optim_step; returns the mean loss per
+    target token of each. `stop(done)`, called after each step but the last, ends the loop early
+    when it returns True (Ctrl-C / SIGTERM).
 
     The next batch is built while the current step runs (the calls return futures). With
     several processes, each trains on its share of every batch (the optimizer step sums the
@@ -60,8 +64,8 @@ def train(
         return [batch[i] for i in processes.shard(len(batch))]
 
     losses = []
-    batch = share(0)
-    for step in range(steps):
+    batch = share(start)
+    for step in range(start, steps):
         # A process whose share is empty (a batch smaller than the number of processes)
         # joins the step with zero gradients.
         fwd_bwd = trainer.forward_backward(batch, loss_fn="cross_entropy") if batch else None
@@ -75,6 +79,8 @@ def train(
         optim.result()
         if on_step:
             on_step(step, {"sft/loss": losses[-1]})
+        if stop is not None and step + 1 < steps and stop(step + 1):
+            break
     return losses
 
 
@@ -87,15 +93,22 @@ def warm_start(
     adam: types.AdamParams,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     processes: Processes | None = None,
+    start: int = 0,
+    stop: Callable[[int, object], bool] | None = None,
 ) -> list[float]:
-    """Supervised steps on the environment's worked solutions."""
+    """Supervised steps `start` .. `steps - 1` on the environment's worked solutions, drawn from
+    `rng`. `stop(done, state)` may end them early (see `train`); `state` is `rng`'s state
+    before the batch of step `done`, from which a resumed warm start goes on."""
     tokenizer = trainer.get_tokenizer()
+    states = {}  # rng state before each batch: the next batch is drawn a step ahead
 
     def make_batch(step: int) -> list[types.Datum]:
-        problems: list[Problem] = env.sample(rng, batch_size, step)
+        states[step] = rng.getstate()
+        problems: list[Problem] = draw(env, rng, batch_size, step)
         return [
             completion_datum(tokenizer, prompt_tokens(tokenizer, p.messages), env.solution(p))
             for p in problems
         ]
 
-    return train(trainer, make_batch, steps, adam, on_step, processes)
+    stop_at = None if stop is None else lambda done: stop(done, states.pop(done))
+    return train(trainer, make_batch, steps, adam, on_step, processes, start, stop_at)

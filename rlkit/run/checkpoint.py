@@ -31,11 +31,15 @@ uninterrupted run's.
 
 Fault injection for tests: RLKIT_FAULT=kill-in-checkpoint:N makes the process SIGKILL itself
 halfway through writing the checkpoint of step N; RLKIT_FAULT=kill-rank:R:step:N makes the
-process of rank R SIGKILL itself before RL step N (a process of a data-parallel run dying).
+process of rank R SIGKILL itself before RL step N (a process of a data-parallel run dying);
+RLKIT_FAULT=sigterm-in-warmup:N sends the process SIGTERM after N supervised steps of the warm
+start; RLKIT_FAULT=disk-full-in-checkpoint:N fails the checkpoint of step N with ENOSPC, half
+written.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -58,6 +62,7 @@ from omegaconf import DictConfig
 from rich.markup import escape
 from safetensors.torch import load_file, save_file
 
+from rlkit.api.errors import RlkitError
 from rlkit.client import Processes
 from rlkit.run.config import ConfigError, plain
 from rlkit.run.manifest import NOT_HASHED, flatten
@@ -77,6 +82,9 @@ class Resumed:
     path: Path | None = None
     # The RL steps' metrics (with timings) before `step`, so plots and summaries continue.
     history: list[dict] = field(default_factory=list)
+    # Set when the run stopped during the warm start: {"done": supervised steps done, "rng":
+    # the warm start's problem RNG state before its next batch}.
+    warmup: dict | None = None
 
 
 class Checkpointer:
@@ -89,6 +97,7 @@ class Checkpointer:
         # With several processes, only the main one writes and chooses; the others follow it.
         self.processes = processes or Processes()
         self.trainer = None  # set by resume()
+        self._saving: Path | None = None  # the client's copy of a state being checkpointed
         self.every = cfg.checkpoint.every
         self.keep_last = cfg.checkpoint.keep_last
         self.resumed = Resumed()
@@ -112,7 +121,8 @@ class Checkpointer:
         _fault_point(f"kill-rank:{self.processes.rank}:step:{step}")
         stop = self.processes.any(STOP.requested is not None, "stop flag")
         due = step == self.cfg.steps or (self.every and step % self.every == 0) or stop
-        on_disk = self.resumed.path and step == self.resumed.step
+        # (A checkpoint taken during the warm start is not the one of RL step 0.)
+        on_disk = self.resumed.path and step == self.resumed.step and not self.resumed.warmup
         if due and not on_disk and self.processes.is_main:
             self.save(step)
         if stop:
@@ -126,13 +136,57 @@ class Checkpointer:
                 )
         return self.stopped
 
+    def stop_in_warmup(self, done: int, rng_state) -> bool:
+        """Call after each supervised step of the warm start (`done` of them so far): after
+        Ctrl-C / SIGTERM, writes a checkpoint holding the warm start's progress (`done` and its
+        problem RNG's state `rng_state`, before its next batch) and returns True; resume=auto
+        continues the warm start from there."""
+        _fault_point(f"sigterm-in-warmup:{done}", signal.SIGTERM)
+        if not self.processes.any(STOP.requested is not None, "stop flag"):
+            return False
+        if self.processes.is_main:
+            self.save(0, warmup={"done": done, "rng": rng_state})
+            _say(
+                f"[bold]stopped[/bold] by {STOP.requested or 'another process'} during the warm "
+                f"start, with {done} of {self.cfg.warmup.steps} supervised steps done; "
+                f"checkpoint in {escape(str(self.dir))}. Continue with:\n  "
+                + escape(resume_command(self.run_dir, self.processes.world_size))
+            )
+        self.stopped = True
+        return True
+
     # ---- saving --------------------------------------------------------------------------------
-    def save(self, step: int) -> Path:
+    def save(self, step: int, warmup: dict | None = None) -> Path:
+        """Write the checkpoint of RL step `step` (`warmup`: the warm start's progress, when it
+        is taken during the warm start). A full disk is one error naming the disk and the last
+        good checkpoint, with nothing left behind."""
         name = f"{PREFIX}{step:06d}"
         tmp = self.dir / f".tmp-{name}-{os.getpid()}"
+        try:
+            return self._save(name, tmp, step, warmup)
+        except Exception as exc:
+            if not _disk_full(exc):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_leftovers(self.dir, self._saving)
+            free = shutil.disk_usage(self.dir).free
+            last = latest_checkpoint(self.run_dir)
+            raise CheckpointError(
+                f"disk full: checkpoint {name} could not be written to {self.dir} "
+                f"({free / 2**20:.1f} MiB free on that disk); the last good checkpoint is "
+                f"{last or 'none (no checkpoint yet)'}. Free some space, then continue with "
+                "resume=auto"
+            ) from None
+
+    def _save(self, name: str, tmp: Path, step: int, warmup: dict | None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        take(self.trainer.save_state(name).result().path, tmp / "state", self.dir)
+        self._saving = None
+        saved = self._saving = Path(self.trainer.save_state(name).result().path)
+        if os.environ.get("RLKIT_FAULT") == f"disk-full-in-checkpoint:{step}":
+            raise OSError(errno.ENOSPC, "No space left on device (RLKIT_FAULT)", saved)
+        take(saved, tmp / "state", self.dir)
+        self._saving = None
         save_file(torch_rng_states(), tmp / "rng.safetensors")
         trainer_state = {
             "step": step,
@@ -141,6 +195,8 @@ class Checkpointer:
             "numpy_rng": _numpy_state(),
             "config": plain(self.cfg),
         }
+        if warmup is not None:
+            trainer_state["warmup"] = warmup
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
         (tmp / "outputs").mkdir()
         for file in OUTPUT_FILES:
@@ -188,7 +244,7 @@ class Checkpointer:
         chosen = self.processes.broadcast(self.resumed.path, "checkpoint choice")
         if not self.processes.is_main and chosen is not None:
             state = self._restore_trainer(Path(chosen))
-            self.resumed = Resumed(step=state["step"], path=Path(chosen))
+            self.resumed = Resumed(state["step"], Path(chosen), warmup=state.get("warmup"))
         return self.resumed
 
     def _resume_main(self) -> None:
@@ -248,8 +304,12 @@ class Checkpointer:
                 "the numbers match an uninterrupted run within rounding, not bit for bit"
             )
         history = read_history(self.run_dir / OUTPUT_FILES[0], self.run_dir / OUTPUT_FILES[1])
-        self.resumed = Resumed(step=state["step"], path=path, history=history)
-        _say(f"resuming from {escape(str(path))} at RL step {state['step']}")
+        self.resumed = Resumed(state["step"], path, history, state.get("warmup"))
+        if self.resumed.warmup:
+            done = self.resumed.warmup["done"]
+            _say(f"resuming from {escape(str(path))} in the warm start, after step {done}")
+        else:
+            _say(f"resuming from {escape(str(path))} at RL step {state['step']}")
         return None
 
     def _restore_trainer(self, path: Path) -> dict:
@@ -287,6 +347,38 @@ def take(saved: str | Path, dest: Path, root: Path) -> Path:
             break
         parent = parent.parent
     return dest
+
+
+class CheckpointError(RlkitError):
+    """A checkpoint could not be written (e.g. the disk is full)."""
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC, as an OSError or in the message of a library's own error (safetensors')."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(exc)
+
+
+def _remove_leftovers(root: Path, saved: Path | None) -> None:
+    """What a failed save left under checkpoints/: the client's copy of the state (`saved`, when
+    it got that far), then the client's folders left without files."""
+    if saved is not None:
+        shutil.rmtree(saved, ignore_errors=True)
+    for child in root.iterdir() if root.is_dir() else []:
+        kept = child.name.startswith(PREFIX) or child.name == "warm_start"
+        if child.is_dir() and not kept and not any(p.is_file() for p in child.rglob("*")):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `RUN_DIR/checkpoints/latest` points at, when it is there."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    try:
+        path = pointer.parent / pointer.read_text().strip()
+    except OSError:
+        return None
+    return path if path.is_dir() else None
 
 
 def _say(message: str) -> None:
@@ -344,9 +436,26 @@ def check_fixed_keys(saved: dict, current: dict, path: Path) -> None:
         )
 
 
+# Keys that do not change what a run computes: where and how often it writes, and how long it
+# waits. A resume that changes only these gives the bits of an uninterrupted run.
+NO_BITS = ("checkpoint.", "logger", "distributed.", "samples_every")
+
+
+def changes_bits(key: str, config: dict) -> bool:
+    """Whether changing `key` on resume changes the run's numbers. `steps` does only through a
+    schedule that depends on it (optim.schedule=linear); a longer or shorter run otherwise
+    computes the same steps."""
+    if key.split(".")[0] in NOT_HASHED or key.startswith(NO_BITS):
+        return False
+    if key == "steps":
+        return config.get("optim", {}).get("schedule") == "linear"
+    return True
+
+
 def warn_config_changes(saved: dict, current: dict) -> list[str]:
-    """Warn, naming the keys, when the config differs from the one the checkpoint was saved with."""
-    changed = config_changes(saved, current, lambda key: key.split(".")[0] not in NOT_HASHED)
+    """Warn, naming the keys, when the config differs from the checkpoint's in a key that
+    changes the run's numbers (`changes_bits`)."""
+    changed = config_changes(saved, current, lambda key: changes_bits(key, current))
     if changed:
         details = ", ".join(changed)
         _say(
@@ -431,10 +540,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fault_point(name: str) -> None:
+def _fault_point(name: str, signum: int = signal.SIGKILL) -> None:
     if os.environ.get("RLKIT_FAULT") == name:
-        print(f"RLKIT_FAULT {name}: SIGKILL at {time.time():.3f}", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+        what = signal.Signals(signum).name
+        print(f"RLKIT_FAULT {name}: {what} at {time.time():.3f}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signum)
 
 
 # ---- graceful stop --------------------------------------------------------------------------------

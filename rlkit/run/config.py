@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from rlkit.api.adapter import AdapterSpec
+from rlkit.api.adapter import MAX_SEED, AdapterSpec
 from rlkit.api.errors import RlkitError
 from rlkit.api.quant import QuantizationUnavailable, QuantSpec, check_available
 from rlkit.api.typecheck import matches, type_name
@@ -266,6 +267,9 @@ class RunConfig:
     on_reward_error: OnRewardError = OnRewardError["raise"]
     # What an environment that raises in `step` does: raise, or skip its group.
     on_env_error: OnEnvError = OnEnvError["raise"]
+    # Seconds one call of users' code may take (a reward on one group, an env's step, grade or
+    # metrics); past it the call fails as if it raised (on_reward_error / on_env_error). 0: none.
+    plugin_timeout_s: float = 60.0
 
 
 # Where the YAML lives: top-level conf/ and recipes/ in a source checkout; inside the package
@@ -317,6 +321,7 @@ NON_NEGATIVE = (
     "kl.coef",
     "loss.entropy_coef",
     "overlong.weight",
+    "plugin_timeout_s",
 )
 POSITIVE = ("distributed.timeout_s",)
 TYPED_SECTIONS = (
@@ -358,12 +363,24 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE_INTS:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
-    for key in NON_NEGATIVE:
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
+    for key in NON_NEGATIVE:  # nan fails every comparison: `not 0 <= nan` catches it
+        if not 0 <= OmegaConf.select(cfg, key) < math.inf:
+            raise ConfigError(
+                f"{key} must be a finite number >= 0, got {OmegaConf.select(cfg, key)}"
+            )
     for key in POSITIVE:
-        if not OmegaConf.select(cfg, key) > 0:
-            raise ConfigError(f"{key} must be > 0, got {OmegaConf.select(cfg, key)}")
+        if not 0 < OmegaConf.select(cfg, key) < math.inf:
+            raise ConfigError(
+                f"{key} must be a finite number > 0, got {OmegaConf.select(cfg, key)}"
+            )
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed must be in [0, 2**63 - 1], got {cfg.seed}")
+    if cfg.temperature == 0:
+        raise ConfigError(
+            "temperature=0: rollouts would be greedy, so a group's completions are all the same "
+            "and every group is skipped (no signal); use temperature > 0 (eval_temperature "
+            "sets the eval's)"
+        )
     for key in ("optim.beta1", "optim.beta2"):
         if not 0 <= OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}")

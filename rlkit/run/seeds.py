@@ -27,6 +27,12 @@ def rng(seed: int, *names: object) -> random.Random:
     return random.Random(derive_seed(seed, *names))
 
 
+def rng_state(saved) -> tuple:
+    """A `random.Random` state from its JSON form (lists where getstate() has tuples)."""
+    version, internal, gauss = saved
+    return (version, tuple(internal), gauss)
+
+
 def apply_determinism(cfg) -> None:
     """Seed the global RNGs and set the determinism switches of `cfg.determinism`.
 

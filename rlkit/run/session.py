@@ -35,6 +35,7 @@ from rlkit.run.outputs import (
     plot_curves,
     progress_bar,
 )
+from rlkit.run.rundir import RunLock
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Session:
     history: list[dict] = field(default_factory=list)
     _progress: Progress | None = None
     _task: TaskID | None = None
+    _lock: RunLock | None = None
 
     @classmethod
     def open(cls, cfg: DictConfig, run_dir: Path) -> Session:
@@ -60,6 +62,18 @@ class Session:
         processes = rlkit.client.processes(cfg.distributed.timeout_s)
         main = processes.is_main
         run_dir.mkdir(parents=True, exist_ok=True)
+        # One run at a time in a run dir: held until the session closes.
+        lock = RunLock(run_dir) if main else None
+        try:
+            return cls._open(cfg, run_dir, processes, lock)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+
+    @classmethod
+    def _open(cls, cfg, run_dir: Path, processes, lock: RunLock | None) -> Session:
+        main = processes.is_main
         # Refuses a used run dir unless resume=auto.
         checkpoints = Checkpointer(run_dir, cfg, processes)
         seeds.apply_determinism(cfg)  # before any model or engine starts
@@ -105,6 +119,7 @@ class Session:
             sinks,
             processes,
             history=resumed.history,
+            _lock=lock,
         )
 
     @property
@@ -170,6 +185,8 @@ class Session:
         self.samples_out.close()
         for sink in self.sinks:
             sink.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self) -> Session:
         return self

@@ -99,6 +99,21 @@ class VLLMServerEngine:
         self.loaded_key: int | None = None
 
     # ---- HTTP ----------------------------------------------------------------------------------
+    def _json(self, path: str, body: dict | None, what: str, read):
+        """`read(reply)` of a call whose reply must be vLLM's JSON: anything else (an HTML
+        page, another server on the port, a changed API) is a ServerError naming the URL."""
+        reply = self._call(path, body, what)
+        try:
+            if not isinstance(reply, dict):
+                raise TypeError("not a JSON object")
+            return read(reply)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise ServerError(
+                f"engine=vllm_server: {self.url}{path} did not answer as vLLM's OpenAI server "
+                f"while {what} ({type(exc).__name__}: {exc}); it answered {str(reply)[:200]!r}. "
+                "Is engine.url a server started by `python -m rlkit.serve`?"
+            ) from None
+
     def _call(self, path: str, body: dict | None, what: str) -> dict | str:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
@@ -129,8 +144,12 @@ class VLLMServerEngine:
             return text
 
     def _check_base_model(self, base_model: str) -> None:
-        listing = self._call("/v1/models", None, "listing its models")
-        served = [m for m in listing.get("data", []) if not m.get("parent")]
+        served = self._json(
+            "/v1/models",
+            None,
+            "listing its models",
+            lambda reply: [m for m in reply["data"] if not m.get("parent")],
+        )
         path = models.resolve(base_model)
         if not any({m.get("id"), m.get("root")} & {base_model, path} for m in served):
             found = ", ".join(str(m.get("root") or m.get("id")) for m in served) or "nothing"
@@ -176,16 +195,7 @@ class VLLMServerEngine:
         }
 
     def _complete(self, request: Request) -> list[SampledSequence]:
-        out = self._call("/v1/completions", self._body(request), "sampling")
-        choices = sorted(out["choices"], key=lambda c: c["index"])
-        sequences = [
-            SampledSequence(
-                "stop" if c["finish_reason"] == "stop" else "length",
-                list(c["token_ids"]),
-                [float(lp) for lp in c["logprobs"]["token_logprobs"]],
-            )
-            for c in choices
-        ]
+        sequences = self._json("/v1/completions", self._body(request), "sampling", _sequences)
         if request.params.temperature == 0:
             return repeat_greedy(sequences[0], request.num_samples)
         return sequences
@@ -201,9 +211,25 @@ class VLLMServerEngine:
             "temperature": 0.0,
             "prompt_logprobs": 0,
         }
-        (choice,) = self._call("/v1/completions", body, "scoring the probe")["choices"]
-        entries = choice["prompt_logprobs"]
-        return [None] + [
-            float(entry[str(token)]["logprob"])
-            for entry, token in zip(entries[1:], prompt[1:], strict=True)
-        ]
+
+        def read(reply: dict) -> list[float | None]:
+            (choice,) = reply["choices"]
+            entries = choice["prompt_logprobs"]
+            return [None] + [
+                float(entry[str(token)]["logprob"])
+                for entry, token in zip(entries[1:], prompt[1:], strict=True)
+            ]
+
+        return self._json("/v1/completions", body, "scoring the probe", read)
+
+
+def _sequences(reply: dict) -> list[SampledSequence]:
+    """The completions of a /v1/completions reply, in order."""
+    return [
+        SampledSequence(
+            "stop" if c["finish_reason"] == "stop" else "length",
+            list(c["token_ids"]),
+            [float(lp) for lp in c["logprobs"]["token_logprobs"]],
+        )
+        for c in sorted(reply["choices"], key=lambda c: c["index"])
+    ]

@@ -83,3 +83,44 @@ class Env:
         """Numbers about one finished episode (e.g. tool calls), averaged over a step's
         episodes and logged as `env/NAME` (`eval/NAME` on the held-out set)."""
         return {}
+
+
+def env_name(env: Env) -> str:
+    return type(env).__name__
+
+
+def check_env(env: Env) -> Env:
+    """What the loop relies on in an environment it did not write: at least one turn, stop
+    strings, and a held-out set to evaluate on. An EnvError naming the env otherwise."""
+    turns = env.max_turns
+    if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+        raise EnvError(f"env {env_name(env)}: max_turns must be an int >= 1, got {turns!r}")
+    stop = env.stop
+    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+        raise EnvError(
+            f"env {env_name(env)}: stop must be a tuple of non-empty strings, got {stop!r:.80}"
+        )
+    _check_problems(env, env.eval_problems(), None, "eval_problems()")
+    return env
+
+
+def draw(env: Env, rng: random.Random, n: int, step: int) -> list[Problem]:
+    """`env.sample(rng, n, step)`, checked: exactly `n` Problems."""
+    return _check_problems(env, env.sample(rng, n, step), n, f"sample(rng, {n}, step={step})")
+
+
+def _check_problems(env: Env, problems: object, n: int | None, call: str) -> list[Problem]:
+    name = env_name(env)
+    if isinstance(problems, str | bytes | dict) or not hasattr(problems, "__iter__"):
+        raise EnvError(f"env {name}.{call} returned {type(problems).__name__}, not a list")
+    problems = list(problems)
+    if not problems:
+        raise EnvError(f"env {name}.{call} returned no problems")
+    if n is not None and len(problems) != n:
+        raise EnvError(f"env {name}.{call} returned {len(problems)} problems for the {n} asked")
+    if bad := next((p for p in problems if not isinstance(p, Problem)), None):
+        raise EnvError(
+            f"env {name}.{call} returned a {type(bad).__name__} {bad!r:.60} among its problems; "
+            "each must be a Problem(messages, answer, info)"
+        )
+    return problems

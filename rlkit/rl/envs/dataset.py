@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from pathlib import Path
 
 from rlkit.rl.envs.base import Env, Grade, Problem
@@ -68,6 +69,11 @@ class DatasetEnv(Env):
             raise DataError(f"env.path={path}: no training problems left after the eval split")
         self.train = [self.make(r) for r in train]
         self._eval = [self.make(r) for r in held_out[:eval_size]]
+        self._no_eval = (
+            f"env.eval_fraction={eval_fraction} holds out no problems of env.path={path} "
+            f"({len(records)} records): set env.eval_fraction > 0 or env.eval_path"
+        )
+        _warn_overlap(self.train, self._eval)
         for problem in (*self.train, *self._eval):  # a reference the grader cannot read
             try:
                 self.grader("", problem.answer)
@@ -111,6 +117,8 @@ class DatasetEnv(Env):
         return order
 
     def eval_problems(self) -> list[Problem]:
+        if not self._eval:  # the trainer evaluates before its first step
+            raise DataError(self._no_eval)
         return list(self._eval)
 
     def solution(self, problem: Problem) -> str:
@@ -123,6 +131,24 @@ class DatasetEnv(Env):
 
     def grade(self, problem: Problem, completion: str) -> Grade:
         return self.grader(completion, problem.answer)
+
+
+def _warn_overlap(train: list[Problem], held_out: list[Problem]) -> None:
+    """A warning when held-out prompts are also training prompts (e.g. env.eval_path names the
+    training file): eval accuracy would then measure memory, not generalisation."""
+    seen = {_key(p) for p in train}
+    shared = [p for p in held_out if _key(p) in seen]
+    if shared:
+        print(
+            f"warning: {len(shared)} of the {len(held_out)} eval problems are also training "
+            f"problems (first: {shared[0].info['where']}): held-out accuracy will overstate "
+            "generalisation; check env.eval_path / env.eval_split against env.path",
+            file=sys.stderr,
+        )
+
+
+def _key(problem: Problem) -> tuple:
+    return tuple((m["role"], m["content"]) for m in problem.messages)
 
 
 def _resolve(path: str) -> str:

@@ -55,6 +55,8 @@ def load_records(
 def field(record: Record, name: str, key: str) -> str:
     """The value of field `name` as text; `key` is the config key that named the field."""
     value = record.fields.get(name)
+    if value is None and name in record.fields:
+        raise DataError(f"{record.where}: field {name!r} is null ({key}={name})")
     if value is None:
         have = ", ".join(str(k) for k in record.fields) or "(none)"
         raise DataError(f"{record.where}: no field {name!r} ({key}={name}); fields: {have}")

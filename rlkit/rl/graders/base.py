@@ -45,10 +45,26 @@ def check_tolerance(name: str, value: float) -> float:
     return float(value)
 
 
+# Graders read at most this many characters of a completion (its beginning for a tag, its end
+# for a last \\boxed{}): what a model writes is adversarial input, and answers are short.
+MAX_READ = 1 << 16
+
+
 def tagged(completion: str, tag: str) -> str | None:
-    """The stripped text inside the first <tag>...</tag>, or None if there is none."""
-    match = re.search(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", completion, re.DOTALL)
-    return match.group(1).strip() if match else None
+    """The stripped text inside the first <tag>...</tag>, or None if there is none.
+
+    Two `find`s, linear time (a lazy regex rescans to the end from every unclosed <tag>)."""
+    return between(completion[:MAX_READ], f"<{tag}>", f"</{tag}>")
+
+
+def between(text: str, opening: str, closing: str) -> str | None:
+    """The stripped text between the first `opening` and the first `closing` after it (what
+    `re.search(opening + "(.*?)" + closing, text, re.DOTALL)` finds), or None."""
+    start = text.find(opening)
+    if start < 0:
+        return None
+    end = text.find(closing, start + len(opening))
+    return None if end < 0 else text[start + len(opening) : end].strip()
 
 
 def parse_number(text: str) -> float | None:

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rlkit.api.errors import RlkitError
 from rlkit.rl.envs.base import Problem
-
-ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+from rlkit.rl.graders.base import tagged
+from rlkit.rl.limits import TimeLimitExceeded, time_limit
 
 
 def parse_answer(completion: str) -> str | None:
     """The text of the first `<answer>...</answer>` tag, or None when there is none."""
-    match = ANSWER_RE.search(completion)
-    return match.group(1) if match else None
+    return tagged(completion, "answer")
 
 
 class RewardError(RlkitError):
@@ -46,12 +44,21 @@ class GroupScores:
 
 
 def score_group(
-    rewards: Sequence[WeightedReward], completions: list[str], problem: Problem
+    rewards: Sequence[WeightedReward],
+    completions: list[str],
+    problem: Problem,
+    timeout_s: float = 0.0,
 ) -> GroupScores:
+    """Each reward's values for one group, and their weighted sum. A reward that raises, runs
+    longer than `timeout_s` (0: no limit) or returns anything but one real number per
+    completion is a RewardError naming it."""
     components = {}
     for reward in rewards:
         try:
-            returned = reward.fn(completions, problem)
+            with time_limit(timeout_s, f"reward {reward.name!r}"):
+                returned = reward.fn(completions, problem)
+        except TimeLimitExceeded as exc:
+            raise RewardError(f"{exc} (one group of {len(completions)} completions)") from None
         except Exception as exc:
             raise RewardError(f"reward {reward.name!r} raised {type(exc).__name__}: {exc}") from exc
         values = _as_values(reward.name, returned, len(completions))
@@ -63,9 +70,18 @@ def score_group(
 
 
 def _as_values(name: str, returned: object, expected: int) -> list[float]:
-    """One finite float per completion, from any sequence of real numbers (python, numpy or
-    torch scalars, 0-d arrays); a RewardError saying what came back otherwise."""
-    if isinstance(returned, str | bytes) or not isinstance(returned, Iterable):
+    """One finite float per completion, from a sequence of real numbers (a list or tuple of
+    python, numpy or torch scalars, bools as 0/1, or a 1-d numpy array / torch tensor); a
+    RewardError saying what came back otherwise. A dict, a set or a generator is refused: its
+    order (or its keys, iterated) is not one value per completion."""
+    shape = getattr(returned, "shape", None)
+    is_array = isinstance(shape, tuple | list) or type(shape).__name__ == "Size"
+    if is_array and len(shape) != 1:
+        raise RewardError(
+            f"reward {name!r} returned a {type(returned).__name__} of shape {tuple(shape)}; it "
+            f"must return {expected} numbers, one per completion (a list or a 1-d array)"
+        )
+    if not is_array and (isinstance(returned, str | bytes) or not isinstance(returned, Sequence)):
         raise RewardError(
             f"reward {name!r} returned {type(returned).__name__} {returned!r:.60}; it must "
             f"return a list of {expected} numbers, one per completion"
@@ -78,7 +94,10 @@ def _as_values(name: str, returned: object, expected: int) -> list[float]:
         )
     bad = [item for item, v in zip(items, values, strict=True) if v is None]
     if bad:
-        raise RewardError(f"reward {name!r} returned non-finite or non-numeric {bad[:3]}")
+        raise RewardError(
+            f"reward {name!r} returned non-finite or non-numeric values {bad[:3]!r:.80} "
+            f"({type(bad[0]).__name__}); it must return real numbers"
+        )
     return values
 
 
