@@ -64,3 +64,51 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real pretrained model's converted checkpoint (its directory), converted once per test
+    session (~20 s); skipped when its package is missing, unless RLKIT_REQUIRE_SMOLLM2=1 (set
+    by `make test`, whose setup installs it, so CI cannot pass by skipping)."""
+    from rlkit.api.errors import ModelNotFoundError
+    from rlkit.backend import models
+
+    try:
+        return models.resolve("smollm2-135m-instruct")
+    except ModelNotFoundError as exc:
+        if os.environ.get("RLKIT_REQUIRE_SMOLLM2") == "1":
+            raise
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def tied_llama(smollm2, tmp_path):
+    """A small random-init llama with SmolLM2's tokenizer and its tied output layer."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rlkit.backend import models
+
+    real = json.loads((Path(smollm2) / "config.json").read_text())
+    config = LlamaConfig(
+        vocab_size=real["vocab_size"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        bos_token_id=real["bos_token_id"],
+        eos_token_id=real["eos_token_id"],
+        pad_token_id=real["pad_token_id"],
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    path = tmp_path / "tied-llama"
+    path.mkdir()
+    models.save_checkpoint(model, AutoTokenizer.from_pretrained(smollm2), path)
+    return str(path)

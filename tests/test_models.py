@@ -55,7 +55,7 @@ def test_missing_model_says_what_was_tried():
     with pytest.raises(ModelNotFoundError) as info:
         models.load_tokenizer("no-such-org/no-such-model")
     message = str(info.value)
-    assert "built-in models ['rlkit-small', 'rlkit-tiny']" in message
+    assert "built-in models ['rlkit-small', 'rlkit-tiny', 'smollm2-135m-instruct']" in message
     assert "local directory" in message and "does not exist" in message
     assert "model hub" in message
 

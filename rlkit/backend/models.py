@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoConfig,
@@ -36,7 +36,7 @@ from transformers.utils import logging as hf_logging
 
 from rlkit.api.errors import ModelNotFoundError, RlkitError
 from rlkit.api.quant import QuantSpec
-from rlkit.backend import attention
+from rlkit.backend import attention, pretrained
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # The Qwen chat format: one `<|im_start|>role\n...<|im_end|>\n` block per message.
@@ -149,38 +149,67 @@ def builtin_path(name: str) -> Path:
     """Directory of the built-in model `name`, building (or rebuilding) it if needed."""
     spec = BUILTIN_MODELS[name]
     target = cache_dir() / "models" / f"{name}-{spec.digest()}"
-    if _cache_is_valid(target):
+
+    def build(staging: Path) -> dict:
+        tokenizer = build_tokenizer()
+        save_checkpoint(build_model(spec, len(tokenizer), tokenizer), tokenizer, staging)
+        return {"name": name, "spec": asdict(spec)}
+
+    return cached(target, build)
+
+
+# Cache entries whose checksums this process has verified, with their files' sizes and times
+# then (a 0.5 GB checkpoint takes a second to hash, and the tokenizer, config and weights each
+# resolve the name): an entry whose files have not changed since is not hashed again.
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def _stamp(directory: Path) -> tuple:
+    try:
+        return tuple(
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.iterdir())
+        )
+    except OSError:
+        return ()
+
+
+def cached(target: Path, build) -> Path:
+    """`target`, a cache entry with a checksum of every file, made by `build(staging)` (which
+    writes the files and returns what the entry records) unless it is there and intact; a
+    corrupt or partial entry is rebuilt. One builder at a time, across processes (a run's
+    processes share the cache): the others wait for it, then find the entry built."""
+    if _VERIFIED.get(target) == _stamp(target) or _cache_is_valid(target):
+        _VERIFIED[target] = _stamp(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # One builder at a time (several processes of a run share the cache): the others wait,
-    # then find it built.
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _cache_is_valid(target):
-            _build(name, spec, target)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+            try:
+                record = {**build(staging), "sha256": _checksums(staging)}
+                (staging / "rlkit_build.json").write_text(
+                    json.dumps(record, indent=2, sort_keys=True)
+                )
+                if target.exists():  # a corrupt or partial entry: replace it
+                    shutil.rmtree(target)
+                os.replace(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    _VERIFIED[target] = _stamp(target)
     return target
 
 
-def _build(name: str, spec: BuiltinSpec, target: Path) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        tokenizer = build_tokenizer()
-        model = build_model(spec, len(tokenizer), tokenizer)
-        # Not model.save_pretrained: under torch.distributed it writes only on rank 0, and the
-        # process that builds the shared cache may be any rank.
-        save_file(model.state_dict(), staging / "model.safetensors", metadata={"format": "pt"})
-        model.config.architectures = [type(model).__name__]
-        model.config.dtype = next(model.parameters()).dtype
-        model.config.save_pretrained(staging)
-        model.generation_config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        manifest = {"name": name, "spec": asdict(spec), "sha256": _checksums(staging)}
-        (staging / "rlkit_build.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if target.exists():  # a corrupt or partial entry: replace it
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def save_checkpoint(model: PreTrainedModel, tokenizer, directory: Path) -> None:
+    """A transformers checkpoint of `model` and `tokenizer` in `directory`. Not
+    model.save_pretrained: under torch.distributed it writes only on rank 0, and the process
+    that builds a shared cache entry may be any rank. Tied weights are stored once."""
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    model.config.architectures = [type(model).__name__]
+    model.config.dtype = next(model.parameters()).dtype
+    model.config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def resolve(base_model: str) -> str:
@@ -189,6 +218,8 @@ def resolve(base_model: str) -> str:
         raise ModelNotFoundError(f"base_model must be a non-empty string, got {base_model!r}")
     if base_model in BUILTIN_MODELS:
         return str(builtin_path(base_model))
+    if base_model in pretrained.PRETRAINED or base_model.endswith(".gguf"):
+        return str(pretrained.converted_path(base_model))
     looks_like_path = base_model.startswith(("/", "./", "../", "~"))
     if looks_like_path and not Path(base_model).expanduser().exists():
         # No hub id starts like this: fail now rather than after the hub's retries.
@@ -346,7 +377,7 @@ def _not_found_message(base_model: str, exc: Exception) -> str:
     where = "exists but could not be loaded" if local.exists() else "does not exist"
     return (
         f"base_model {base_model!r} could not be loaded. Tried: "
-        f"(1) built-in models {sorted(BUILTIN_MODELS)} — not one of them; "
+        f"(1) built-in models {sorted([*BUILTIN_MODELS, *pretrained.PRETRAINED])} — not one of them; "
         f"(2) local directory {local} — {where}; "
         f"(3) the model hub / its local cache — {type(exc).__name__}: {str(exc).splitlines()[0]}"
     )
