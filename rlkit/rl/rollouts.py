@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from rlkit.api import losses, types
 from rlkit.client import Processes
+from rlkit.rl.chat import observation_tokens
 from rlkit.rl.envs.base import Env, EnvError, Grade, Problem, env_name
 from rlkit.rl.limits import TimeLimitExceeded, time_limit
 from rlkit.rl.rewards.base import GroupScores, RewardError, WeightedReward, score_group
@@ -50,6 +51,8 @@ class Episode:
     error: str | None = None
     # A model turn ended at max_tokens rather than at a stop.
     truncated: bool = False
+    # The tokens of the model's latest turn.
+    last_turn: list[int] = field(default_factory=list)
     # The base model's logprob of each token (when a KL penalty asks for it).
     ref_logprobs: list[float] | None = None
     # Sum over the model's tokens of the KL(policy || base) estimate (when asked for).
@@ -57,6 +60,7 @@ class Episode:
 
     def act(self, sequence: types.SampledSequence, tokenizer) -> None:
         self.truncated |= sequence.stop_reason == "length"
+        self.last_turn = list(sequence.tokens)
         self.tokens += sequence.tokens
         self.logprobs += sequence.logprobs
         self.model_mask += [True] * len(sequence.tokens)
@@ -191,13 +195,7 @@ def _observe(
             ) from exc
         if observation is None:
             return False
-        if not isinstance(observation, str):
-            raise EnvError(
-                f"env {env_name(env)}.step returned {type(observation).__name__} "
-                f"{observation!r:.60} {where}; it must return the observation as a str, or "
-                "None to end the episode"
-            )
-        tokens = tokenizer.encode(observation, add_special_tokens=False)
+        text, tokens = observation_tokens(env, observation, tokenizer, episode.last_turn, where)
         if context is not None and len(group.prompt) + len(tokens) >= context:
             raise EnvError(
                 f"env {env_name(env)}.step returned an observation of {len(tokens)} tokens "
@@ -212,7 +210,7 @@ def _observe(
     if context is not None and len(group.prompt) + len(episode.tokens) + len(tokens) >= context:
         episode.truncated = True  # the context is full: the episode ends here
         return False
-    episode.observe(observation, tokens)
+    episode.observe(text, tokens)
     return True
 
 

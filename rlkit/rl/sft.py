@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from rlkit.api import types
 from rlkit.client import Processes
+from rlkit.rl.chat import observation_tokens
 from rlkit.rl.envs.base import Env, Problem, draw
 
 
@@ -20,15 +21,24 @@ def prompt_tokens(tokenizer, messages: Sequence[dict]) -> list[int]:
     )
 
 
-def completion_datum(tokenizer, prompt: list[int], completion: str | Sequence[str]) -> types.Datum:
+def completion_datum(
+    tokenizer, prompt: list[int], completion: str | Sequence, render=None
+) -> types.Datum:
     """A datum that trains on the completion and its end-of-turn token, never on the prompt.
-    A multi-turn completion is a list of texts alternating the model's turns and the
-    environment's observations (`[turn, observation, turn, ...]`): observations stay in the
-    context but out of the loss, as in RL."""
+    A multi-turn completion is a list alternating the model's turns and the environment's
+    observations (`[turn, observation, turn, ...]`): observations stay in the context but out of
+    the loss, as in RL, and `render(observation, turn_tokens)` gives their tokens (raw text's
+    own by default; an env's chat messages through the template, as its rollouts have them)."""
     parts = [completion] if isinstance(completion, str) else list(completion)
     tokens, weights = list(prompt), [0.0] * (len(prompt) - 1)
+    turn: list[int] = []
     for i, text in enumerate(parts):
-        part = tokenizer.encode(text, add_special_tokens=False)
+        if i % 2 == 0:  # the model's turn
+            part = turn = tokenizer.encode(text, add_special_tokens=False)
+        elif render is None:
+            part = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            part = render(text, turn)
         tokens += part
         weights += [float(i % 2 == 0)] * len(part)
     tokens.append(tokenizer.eos_token_id)
@@ -106,9 +116,14 @@ def warm_start(
         states[step] = rng.getstate()
         problems: list[Problem] = draw(env, rng, batch_size, step)
         return [
-            completion_datum(tokenizer, prompt_tokens(tokenizer, p.messages), env.solution(p))
+            completion_datum(
+                tokenizer, prompt_tokens(tokenizer, p.messages), env.solution(p), render
+            )
             for p in problems
         ]
+
+    def render(observation, turn: list[int]) -> list[int]:
+        return observation_tokens(env, observation, tokenizer, turn)[1]
 
     stop_at = None if stop is None else lambda done: stop(done, states.pop(done))
     return train(trainer, make_batch, steps, adam, on_step, processes, start, stop_at)

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 
 from rlkit.api.errors import RlkitError
 
+# The roles an environment's message may take (see `Env.observation_role`).
+ROLES = ("tool", "user")
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -57,6 +60,11 @@ class Env:
     max_turns: int = 1
     # Strings that end a model turn (e.g. a tool call's closing tag), besides the run's `stop`.
     stop: tuple[str, ...] = ()
+    # How `step`'s observations enter the context: None, as raw text continuing the model's
+    # turn; "tool" or "user", as a message of that role in the tokenizer's chat template (the
+    # model's turn ends, the message follows, then a new model turn). `step` may also return
+    # {"role": ..., "content": ...} to choose per observation.
+    observation_role: str | None = None
 
     def sample(self, rng: random.Random, n: int, step: int) -> list[Problem]:
         """The `n` problems of step `step`; draw any randomness from `rng`."""
@@ -74,9 +82,10 @@ class Env:
     def grade(self, problem: Problem, completion: str) -> Grade:
         raise NotImplementedError
 
-    def step(self, problem: Problem, transcript: str) -> str | None:
-        """The environment's answer to the model's latest turn (the end of `transcript`), or
-        None to end the episode."""
+    def step(self, problem: Problem, transcript: str) -> str | dict | None:
+        """The environment's answer to the model's latest turn (the end of `transcript`): its
+        text (a message of role `observation_role`, or raw text when that is None), a message
+        `{"role": "tool" | "user", "content": text}`, or None to end the episode."""
         return None
 
     def metrics(self, problem: Problem, transcript: str) -> dict[str, float]:
@@ -95,6 +104,11 @@ def check_env(env: Env) -> Env:
     turns = env.max_turns
     if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
         raise EnvError(f"env {env_name(env)}: max_turns must be an int >= 1, got {turns!r}")
+    if env.observation_role not in (None, *ROLES):
+        raise EnvError(
+            f"env {env_name(env)}: observation_role must be null, 'tool' or 'user', got "
+            f"{env.observation_role!r}"
+        )
     stop = env.stop
     if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
         raise EnvError(

@@ -8,6 +8,10 @@ solvable, and RL can discover that it pays.
 
 The warm start's worked solutions use the tool in a fraction `tool_fraction` of the problems and
 state the answer directly in the rest, so RL starts from a policy that calls the tool sometimes.
+
+With `observation_role=tool` (for a chat model), the result comes back as a tool message in the
+model's chat template, and the model answers in a new turn; by default it continues the model's
+own turn as raw text (what the built-in byte models were trained with).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class CalculatorEnv(Env):
         eval_size: int = 64,
         eval_seed: int = 1234,
         system_prompt: str = SYSTEM_PROMPT,
+        observation_role: str | None = None,
         grader: Grader | None = None,
     ) -> None:
         if operands < 2:
@@ -58,6 +63,7 @@ class CalculatorEnv(Env):
             raise ValueError(f"env.tool_fraction must be in [0, 1], got {tool_fraction}")
         self.operands, self.low, self.high, self.max_turns = operands, low, high, max_turns
         self.tool_fraction, self.system_prompt = tool_fraction, system_prompt
+        self.observation_role = observation_role
         self.grader = grader or ExactMatch()
         self._eval = self.sample(random.Random(eval_seed), eval_size, 0)
 
