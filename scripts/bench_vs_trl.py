@@ -1,7 +1,8 @@
 """rlkit against TRL's GRPOTrainer at equal work, alternating A B A B on the same machine.
 
-The same locally built model (random init, rlkit's byte tokenizer and chat template; nothing is
-downloaded), the same pair_sum prompts, 16 prompts x 8 completions of up to 40 tokens (no stop
+The same local model (a random-init one with rlkit's byte tokenizer and chat template, or the
+real pretrained SmolLM2-135M-Instruct with its own; nothing is downloaded), the same pair_sum
+prompts in the model's chat template, 16 prompts x 8 completions of up to 40 tokens (no stop
 string: a random model rarely ends early, so both generate about the same tokens), LoRA rank 64
 with alpha 32 on every linear layer but the output one, no KL, one optimizer step per batch,
 AdamW at the same learning rate, float32, the same thread count. The reward is the fraction of
@@ -17,6 +18,7 @@ of TRL is in rlkit's dependencies.
     python -m venv /tmp/trl-venv && /tmp/trl-venv/bin/pip install torch==2.13.0 trl
     python scripts/bench_vs_trl.py --trl-python /tmp/trl-venv/bin/python
     python scripts/bench_vs_trl.py --sizes small --steps 3 --repeats 1   # a quick look
+    python scripts/bench_vs_trl.py --sizes smollm2   # the real pretrained model (make setup)
 
 It prints, per size and framework: seconds per step (median, min, max over every timed step),
 completion tokens per step, peak resident memory, the mean reward over the first and the last
@@ -40,6 +42,9 @@ HERE = Path(__file__).resolve().parent
 SIZES = {
     "small": None,  # rlkit-small, 1.8M parameters (the CPU default's model)
     "25m": (512, 1536, 8, 8, 4, 64),
+    # The real pretrained model (rlkit's smollm2-135m-instruct, converted from its GGUF file):
+    # a 49k-token BPE vocabulary makes the output layer and the logprob pass a large share.
+    "smollm2": "smollm2-135m-instruct",
 }
 GROUPS, GROUP_SIZE, MAX_TOKENS, RANK, ALPHA, LR = 16, 8, 40, 64, 32.0, 3e-4
 
@@ -63,6 +68,8 @@ def model_path(size: str) -> str:
 
     if SIZES[size] is None:
         return str(models.builtin_path("rlkit-small"))
+    if isinstance(SIZES[size], str):
+        return models.resolve(SIZES[size])
     name = f"bench-trl-{size}"
     models.BUILTIN_MODELS[name] = models.BuiltinSpec(*SIZES[size])
     return str(models.builtin_path(name))
@@ -281,17 +288,17 @@ def print_profile(profiles, threads: int, prompts_file: Path) -> None:
     from rlkit.backend import models
 
     peak = matmul_peak(threads)
-    tokenizer = models.load_tokenizer("rlkit-small")
     chats = json.loads(prompts_file.read_text())
-    prompts = [
-        tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=False)
-        for p in chats
-    ]
-    prompt_tokens = statistics.mean(map(len, prompts))
     print(f"\nmatmul peak now: {peak / 1e9:.0f} GFLOP/s ({threads} threads, 2048x2048 float32)\n")
     print("| model | phase | s/step (median) | GFLOP/s, rows' work | GFLOP/s, executed | of peak |")
     print("|---|---|---|---|---|---|")
     for size, path, segs in profiles:
+        tokenizer = models.load_tokenizer(path)  # each model's own chat template and vocabulary
+        prompts = [
+            tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=False)
+            for p in chats
+        ]
+        prompt_tokens = statistics.mean(map(len, prompts))
         n, adapter = matmul_params(path)
         rows = GROUPS * GROUP_SIZE
         completion = statistics.mean(t for seg in segs for t in seg["tokens"]) / rows
