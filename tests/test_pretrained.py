@@ -22,6 +22,13 @@ def test_the_converted_checkpoint_is_cached_with_checksums_and_its_chat_template
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"]
     assert "<|im_start|>" in (path / "chat_template.jinja").read_text()
+    # The tied output layer is stored under the input embeddings' name, as transformers writes
+    # it (vLLM reads only that one for a tied model).
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
     assert models.resolve("smollm2-135m-instruct") == smollm2  # cached: not converted again
 
 

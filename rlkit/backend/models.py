@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoConfig,
@@ -203,8 +203,17 @@ def cached(target: Path, build) -> Path:
 def save_checkpoint(model: PreTrainedModel, tokenizer, directory: Path) -> None:
     """A transformers checkpoint of `model` and `tokenizer` in `directory`. Not
     model.save_pretrained: under torch.distributed it writes only on rank 0, and the process
-    that builds a shared cache entry may be any rank. Tied weights are stored once."""
-    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    that builds a shared cache entry may be any rank. An output layer tied to the input
+    embeddings is stored once, under the input embeddings' name, as transformers writes it:
+    vLLM loads only that name for a tied model (with the output layer's name alone, it served a
+    uniform distribution)."""
+    state = dict(model.state_dict())
+    output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is not None and embeddings is not None and output.weight is embeddings.weight:
+        name = next(n for n, m in model.named_modules() if m is output)
+        del state[f"{name}.weight"]
+    state = {k: v.contiguous() for k, v in state.items()}
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
     model.config.architectures = [type(model).__name__]
     model.config.dtype = next(model.parameters()).dtype
     model.config.save_pretrained(directory)

@@ -28,7 +28,7 @@ from pathlib import Path
 from rlkit.api.errors import ModelNotFoundError
 
 # Bump when the conversion changes, so cached conversions are made again.
-CONVERT_FORMAT = 1
+CONVERT_FORMAT = 2
 
 
 @dataclass(frozen=True)
