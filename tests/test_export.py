@@ -106,7 +106,8 @@ def test_an_adapter_export_loads_on_its_base_with_peft(service, tmp_path):
     # (two runs with other caches wrote different adapter_config.json files).
     saved = json.loads((adapter / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == "rlkit-tiny"
-    assert "base_model: rlkit-tiny\n" in (adapter / "README.md").read_text()  # peft's card
+    card = (adapter / "README.md").read_text()  # peft's model card
+    assert "base_model: rlkit-tiny\n" in card and "base_model:adapter:rlkit-tiny\n" in card
     summary = export.export(adapter, tmp_path / "adapter")
     assert summary == "adapter of rlkit-tiny (peft format) with its tokenizer"
     config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())

@@ -78,11 +78,11 @@ class Learner:
         base = models.load_model(base_model, dtype=dtype, device=self.device, quant=self.quant)
         self.model = adapters.attach(base, spec)
         # The name the run gave, not the cache path it resolved to: a saved adapter's config and
-        # model card (peft writes the base config's _name_or_path there) must not depend on
-        # where this machine keeps its cache.
+        # model card (peft writes the base's name_or_path and its config's there) must not
+        # depend on where this machine keeps its cache.
         for config in self.model.peft_config.values():
             config.base_model_name_or_path = base_model
-        base.config._name_or_path = base_model
+        base.name_or_path = base.config._name_or_path = base_model
         self.params = adapters.trainable_parameters(self.model)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         # lr and betas are set from AdamParams at every step.
