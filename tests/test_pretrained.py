@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlkit.api import types
 from rlkit.api.errors import ModelNotFoundError
@@ -46,6 +47,41 @@ def test_the_real_model_samples_through_the_api(smollm2, service):
     params = types.SamplingParams(max_tokens=12, temperature=0.0)
     (sequence,) = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result().sequences
     assert "7" in tokenizer.decode(sequence.tokens), tokenizer.decode(sequence.tokens)
+
+
+def test_the_hf_engine_serves_the_trained_real_model(smollm2, service):
+    """After steps that move every adapter matrix (the tied output layer's included), the
+    sampler's post-sync probe and its sampled tokens' logprobs agree with the trainer's.
+    Measured: probe 1.3e-5, sampled-token logprobs within 1.1e-5 (float32)."""
+    trainer = service.create_lora_training_client("smollm2-135m-instruct", rank=8, seed=0)
+    tokenizer = trainer.get_tokenizer()
+    tokens = tokenizer.encode("What is 47 + 38? 47 + 38 = 85")
+    datum = types.Datum(
+        types.ModelInput.from_ints(tokens[:-1]),
+        {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
+    for _ in range(3):
+        trainer.forward_backward([datum], "cross_entropy").result()
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    sampler = trainer.save_weights_and_get_sampling_client()
+    assert sampler.sync_metrics["sync/probe_mismatch"] < 1e-4
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 47 - 38? Answer with the number only."}],
+        add_generation_prompt=True,
+        return_dict=False,
+    )
+    params = types.SamplingParams(max_tokens=12, temperature=1.0, seed=5)
+    result = sampler.sample(types.ModelInput.from_ints(prompt), 4, params).result()
+    for seq in result.sequences:
+        full = prompt + seq.tokens
+        check = types.Datum(
+            types.ModelInput.from_ints(full[:-1]),
+            {"target_tokens": full[1:], "weights": [0.0] * (len(full) - 1)},
+        )
+        out = trainer.forward([check], "cross_entropy").result().loss_fn_outputs[0]
+        expected = out["logprobs"].to_torch()[len(prompt) - 1 :]
+        gap = (expected - torch.tensor(seq.logprobs)).abs().max()
+        assert gap < 1e-4, gap
 
 
 def test_a_missing_package_names_the_command_that_installs_it(monkeypatch):
