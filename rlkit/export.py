@@ -10,8 +10,8 @@ With --merge, OUT_DIR is a plain transformers checkpoint of base + adapter (LoRA
 B A; DoRA: its magnitude times the normalised direction), which transformers, vLLM and friends
 load as any model. A 4-bit base (QLoRA, QDoRA) is first de-quantized, value for value, so the
 merged model is the one that was trained (its float32 weights hold the 4-bit values, not the
-original checkpoint's); an output layer tied to the input embeddings gets its own weight, as
-merging an adapter into it would otherwise change the embeddings too.
+original checkpoint's); input embeddings tied to the output layer get their own copy of the
+weight, as merging an adapter into the output layer would otherwise change them too.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _merged(adapter: Path, base: str, quant: QuantSpec, out: Path) -> str:
     if quant.enabled:
         dequantize(model, dtype)
         precision = f"float32, holding the de-quantized {quant.method} values of the base"
-    untie_output(model)
+    models.untie_embeddings(model)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     models.save_checkpoint(merged, models.load_tokenizer(base), out)
     return f"{base} with the adapter merged, weights in {precision}"
@@ -128,16 +128,6 @@ def dequantize(model: torch.nn.Module, dtype: torch.dtype) -> None:
             delattr(model.config, attr)
     model.is_loaded_in_4bit = False
     model.hf_quantizer = None
-
-
-def untie_output(model) -> None:
-    """An output layer that shares the input embeddings' weight gets its own copy (and the
-    config says so), so merging into it leaves the embeddings as they are."""
-    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
-    if output is not None and embeddings is not None and output.weight is embeddings.weight:
-        output.weight = torch.nn.Parameter(embeddings.weight.detach().clone())
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.config.tie_word_embeddings = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,8 +208,8 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, directory: Path) -> None:
     vLLM loads only that name for a tied model (with the output layer's name alone, it served a
     uniform distribution)."""
     state = dict(model.state_dict())
-    output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    if output is not None and embeddings is not None and output.weight is embeddings.weight:
+    output = tied_output(model)
+    if output is not None:
         name = next(n for n, m in model.named_modules() if m is output)
         del state[f"{name}.weight"]
     state = {k: v.contiguous() for k, v in state.items()}
@@ -219,6 +219,28 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, directory: Path) -> None:
     model.config.save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+
+
+def tied_output(model) -> torch.nn.Module | None:
+    """The output layer of `model` (an adapter's wrapper looked through) when it shares its
+    weight with the input embeddings (SmolLM2, Gemma), else None."""
+    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+    if hasattr(output, "get_base_layer"):
+        output = output.get_base_layer()
+    if embeddings is None or output is None or output.weight is not embeddings.weight:
+        return None
+    return output
+
+
+def untie_embeddings(model) -> None:
+    """Gives the input embeddings of `model` their own copy of a weight they share with the
+    output layer, so that merging an adapter into the output layer leaves them as they are (the
+    adapter does not change them); the config no longer says the two are tied."""
+    if tied_output(model) is not None:
+        embeddings = model.get_input_embeddings()
+        embeddings.weight = torch.nn.Parameter(embeddings.weight.detach().clone(), False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
 
 
 def resolve(base_model: str) -> str:

@@ -31,6 +31,7 @@ from peft.tuners.lora.dora import DoraLinearLayer
 from peft.utils.integrations import dequantize_module_weight
 
 from rlkit.api.types import SampledSequence, SamplingParams
+from rlkit.backend import models
 from rlkit.backend.engines.base import Request, repeat_greedy, stop_criteria
 
 
@@ -45,8 +46,8 @@ class SamplingModel:
         shared = {} if merge else {id(p): p for p in peft_model.parameters() if not p.requires_grad}
         self.model = copy.deepcopy(peft_model, shared).eval()
         self.model.requires_grad_(False)
-        if merge:
-            _untie_input_embeddings(self.model)
+        if merge:  # merging into a tied output layer would change the input embeddings too
+            models.untie_embeddings(self.model.get_base_model())
         # The training model's base weights are frozen: the pristine source for every re-merge.
         self._originals = {
             name: m.get_base_layer().weight
@@ -76,18 +77,6 @@ class SamplingModel:
             for layer in self._layers.values():
                 layer.merge()
         self.loaded_key = key
-
-
-def _untie_input_embeddings(model) -> None:
-    """A model whose output layer shares its weight with the input embeddings (SmolLM2, Gemma):
-    merging an adapter on the output layer would change the input embeddings too, which the
-    adapter does not. The copy's input embeddings get their own weight before any merge."""
-    base = model.get_base_model()
-    embeddings, output = base.get_input_embeddings(), base.get_output_embeddings()
-    if isinstance(output, LoraLayer):
-        output = output.get_base_layer()
-    if embeddings is not None and output is not None and embeddings.weight is output.weight:
-        embeddings.weight = torch.nn.Parameter(embeddings.weight.detach().clone(), False)
 
 
 def _cache_dora_scales(model) -> list[DoraLinearLayer]:
