@@ -14,6 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from rlkit.rl.envs.base import Env  # noqa: E402
+from rlkit.rl.envs.pair_sum import PairSumEnv  # noqa: E402
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
@@ -32,6 +35,70 @@ def service(tmp_path):
 @pytest.fixture
 def trainer(service):
     return service.create_lora_training_client("rlkit-tiny", rank=8, seed=0)
+
+
+def supervised_steps(trainer, text: str, steps: int = 3, lr: float = 5e-2) -> None:
+    """`steps` supervised steps on `text`, enough to move every adapter matrix (an output
+    layer's included) well away from its start."""
+    from rlkit.api import types
+
+    tokens = trainer.get_tokenizer().encode(text)
+    datum = types.Datum(
+        types.ModelInput.from_ints(tokens[:-1]),
+        {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
+    for _ in range(steps):
+        trainer.forward_backward([datum], "cross_entropy").result()
+        trainer.optim_step(types.AdamParams(learning_rate=lr)).result()
+
+
+def chat_prompt(tokenizer, question: str) -> list[int]:
+    """`question` as a user's message in the tokenizer's chat template, ready for an answer."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False
+    )
+
+
+def trainer_logprobs(trainer, tokens: list[int]) -> torch.Tensor:
+    """The trainer's logprob of each of `tokens` after the first."""
+    from rlkit.api import types
+
+    datum = types.Datum(
+        types.ModelInput.from_ints(tokens[:-1]),
+        {"target_tokens": tokens[1:], "weights": [0.0] * (len(tokens) - 1)},
+    )
+    out = trainer.forward([datum], "cross_entropy").result().loss_fn_outputs[0]
+    return out["logprobs"].to_torch()
+
+
+def sampled_logprob_gap(trainer, sampler, prompt: list[int], n: int = 4) -> float:
+    """The largest gap between the logprobs `sampler` reports for the tokens it samples after
+    `prompt` (n completions, 12 tokens, temperature 1) and the trainer's for the same tokens."""
+    from rlkit.api import types
+
+    params = types.SamplingParams(max_tokens=12, temperature=1.0, seed=5)
+    worst = 0.0
+    for seq in sampler.sample(types.ModelInput.from_ints(prompt), n, params).result().sequences:
+        expected = trainer_logprobs(trainer, prompt + seq.tokens)[len(prompt) - 1 :]
+        worst = max(worst, float((expected - torch.tensor(seq.logprobs)).abs().max()))
+    return worst
+
+
+class PairSumTurns(Env):
+    """A base for test envs that differ from pair_sum only in their turns (`step`): pair_sum's
+    problems, held-out set and grading."""
+
+    def __init__(self):
+        self.pair_sum = PairSumEnv(eval_size=2)
+
+    def sample(self, rng, n, step=0):
+        return self.pair_sum.sample(rng, n)
+
+    def eval_problems(self):
+        return self.pair_sum.eval_problems()
+
+    def grade(self, problem, completion):
+        return self.pair_sum.grade(problem, completion)
 
 
 def skip_module_without_vllm() -> None:

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PairSumTurns
 
 from rlkit.rl.chat import ChatTemplateError, message_tokens
-from rlkit.rl.envs.base import Env
-from rlkit.rl.envs.pair_sum import PairSumEnv
 from rlkit.rl.rollouts import group_datums, logprob_gaps, sample_groups
 from rlkit.rl.sft import completion_datum, prompt_tokens
 
@@ -148,24 +147,12 @@ def test_the_warm_start_renders_observations_as_rollouts_do(smollm2):
     assert not any(weights[start + len(call) : start + len(call) + len(between)])
 
 
-class ToolEcho(Env):
+class ToolEcho(PairSumTurns):
     """Answers every model turn with a tool message, for `max_turns` turns."""
 
     max_turns = 3
     observation_role = "tool"
     stop = ("</calc>",)
-
-    def __init__(self):
-        self.pair_sum = PairSumEnv(eval_size=2)
-
-    def sample(self, rng, n, step=0):
-        return self.pair_sum.sample(rng, n)
-
-    def eval_problems(self):
-        return self.pair_sum.eval_problems()
-
-    def grade(self, problem, completion):
-        return self.pair_sum.grade(problem, completion)
 
     def step(self, problem, transcript):
         return f"<result>{transcript.count('<result>') + 1}</result>"

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PairSumTurns
 
 from rlkit.api import types
-from rlkit.rl.envs.base import Env, EnvError
+from rlkit.rl.envs.base import EnvError
 from rlkit.rl.envs.calculator import CalculatorEnv, calculate
 from rlkit.rl.envs.dataset import DATA_DIR, DatasetEnv
 from rlkit.rl.envs.pair_sum import PairSumEnv
@@ -246,22 +247,14 @@ def test_a_multi_turn_worked_solution_trains_on_the_models_turns_only(trainer):
 
 
 # ---- multi-turn episodes -------------------------------------------------------------------------
-class Echo(Env):
+class Echo(PairSumTurns):
     """Answers every model turn with a numbered observation, for `max_turns` turns."""
 
     max_turns = 3
 
     def __init__(self, fail_on_turn: int = 0):
-        self.fail_on_turn, self.pair_sum = fail_on_turn, PairSumEnv(eval_size=2)
-
-    def sample(self, rng, n, step=0):
-        return self.pair_sum.sample(rng, n)
-
-    def eval_problems(self):
-        return self.pair_sum.eval_problems()
-
-    def grade(self, problem, completion):
-        return self.pair_sum.grade(problem, completion)
+        super().__init__()
+        self.fail_on_turn = fail_on_turn
 
     def step(self, problem, transcript):
         turn = transcript.count("<obs") + 1

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import supervised_steps, trainer_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlkit import export
-from rlkit.api import types
 from rlkit.backend import models
 
 PROBE = "a probe sentence, not the training text"
@@ -20,15 +20,7 @@ def trained(service, base, steps=3, **adapter):
     """A training client on `base` after a few supervised steps (so the adapter is not zero),
     and the folder save_weights_for_sampler wrote."""
     trainer = service.create_lora_training_client(base, seed=0, **{"rank": 4, **adapter})
-    tokenizer = trainer.get_tokenizer()
-    tokens = tokenizer.encode("the quick brown fox jumps over the lazy dog")
-    datum = types.Datum(
-        types.ModelInput.from_ints(tokens[:-1]),
-        {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
-    )
-    for _ in range(steps):
-        trainer.forward_backward([datum], "cross_entropy").result()
-        trainer.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    supervised_steps(trainer, "the quick brown fox jumps over the lazy dog", steps)
     return trainer, Path(trainer.save_weights_for_sampler("final").result().path)
 
 
@@ -86,15 +78,11 @@ def test_a_merged_4bit_base_is_the_model_that_was_trained(service, tmp_path):
     summary = export.export(adapter, tmp_path / "merged", merge=True)
     assert summary.endswith("weights in float32, holding the de-quantized nf4 values of the base")
     tokens = trainer.get_tokenizer().encode(PROBE)
-    datum = types.Datum(
-        types.ModelInput.from_ints(tokens[:-1]),
-        {"target_tokens": tokens[1:], "weights": [0.0] * (len(tokens) - 1)},
-    )
-    as_trained = trainer.forward([datum], "cross_entropy").result().loss_fn_outputs[0]
+    as_trained = trainer_logprobs(trainer, tokens)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     logprobs = logits_of(merged, tokens[:-1]).log_softmax(-1)
     exported = logprobs.gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
-    assert (exported - as_trained["logprobs"].to_torch()).abs().max() < 1e-5
+    assert (exported - as_trained).abs().max() < 1e-5
     assert "quantization_config" not in json.loads((tmp_path / "merged/config.json").read_text())
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import chat_prompt, sampled_logprob_gap, supervised_steps, trainer_logprobs
 
 from rlkit.api import types
 from rlkit.api.errors import ModelNotFoundError
@@ -39,11 +39,7 @@ def test_the_real_model_samples_through_the_api(smollm2, service):
     tokenizer = trainer.get_tokenizer()
     sampler = trainer.save_weights_and_get_sampling_client()
     assert sampler.sync_metrics["sync/probe_mismatch"] < 1e-4
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 3 + 4? Answer with the number only."}],
-        add_generation_prompt=True,
-        return_dict=False,
-    )
+    prompt = chat_prompt(tokenizer, "What is 3 + 4? Answer with the number only.")
     params = types.SamplingParams(max_tokens=12, temperature=0.0)
     (sequence,) = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result().sequences
     assert "7" in tokenizer.decode(sequence.tokens), tokenizer.decode(sequence.tokens)
@@ -54,34 +50,11 @@ def test_the_hf_engine_serves_the_trained_real_model(smollm2, service):
     sampler's post-sync probe and its sampled tokens' logprobs agree with the trainer's.
     Measured: probe 1.3e-5, sampled-token logprobs within 1.1e-5 (float32)."""
     trainer = service.create_lora_training_client("smollm2-135m-instruct", rank=8, seed=0)
-    tokenizer = trainer.get_tokenizer()
-    tokens = tokenizer.encode("What is 47 + 38? 47 + 38 = 85")
-    datum = types.Datum(
-        types.ModelInput.from_ints(tokens[:-1]),
-        {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
-    )
-    for _ in range(3):
-        trainer.forward_backward([datum], "cross_entropy").result()
-        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    supervised_steps(trainer, "What is 47 + 38? 47 + 38 = 85", lr=1e-2)
     sampler = trainer.save_weights_and_get_sampling_client()
     assert sampler.sync_metrics["sync/probe_mismatch"] < 1e-4
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 47 - 38? Answer with the number only."}],
-        add_generation_prompt=True,
-        return_dict=False,
-    )
-    params = types.SamplingParams(max_tokens=12, temperature=1.0, seed=5)
-    result = sampler.sample(types.ModelInput.from_ints(prompt), 4, params).result()
-    for seq in result.sequences:
-        full = prompt + seq.tokens
-        check = types.Datum(
-            types.ModelInput.from_ints(full[:-1]),
-            {"target_tokens": full[1:], "weights": [0.0] * (len(full) - 1)},
-        )
-        out = trainer.forward([check], "cross_entropy").result().loss_fn_outputs[0]
-        expected = out["logprobs"].to_torch()[len(prompt) - 1 :]
-        gap = (expected - torch.tensor(seq.logprobs)).abs().max()
-        assert gap < 1e-4, gap
+    prompt = chat_prompt(trainer.get_tokenizer(), "What is 47 - 38? Answer with the number only.")
+    assert sampled_logprob_gap(trainer, sampler, prompt) < 1e-4
 
 
 def test_a_missing_package_names_the_command_that_installs_it(monkeypatch):
@@ -163,17 +136,11 @@ def test_the_hf_engine_samples_a_tied_output_layers_adapter_exactly(service, tie
     embeddings too: the sampler's copy gets its own embeddings first (sampler logprobs vs the
     trainer's after a few steps that move the output layer's adapter a lot)."""
     trainer = service.create_lora_training_client(tied_llama, rank=4, seed=0)
-    tokenizer = trainer.get_tokenizer()
-    tokens = tokenizer.encode("the quick brown fox jumps over the lazy dog")
-    datum = types.Datum(
-        types.ModelInput.from_ints(tokens[:-1]),
-        {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
-    )
-    for _ in range(3):
-        trainer.forward_backward([datum], "cross_entropy").result()
-        trainer.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    text = "the quick brown fox jumps over the lazy dog"
+    supervised_steps(trainer, text)
+    tokens = trainer.get_tokenizer().encode(text)
     sampler = trainer.save_weights_and_get_sampling_client()
     assert sampler.sync_metrics["sync/probe_mismatch"] < 1e-5
     served = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()[1:]
-    trained = trainer.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+    trained = trainer_logprobs(trainer, tokens)
     assert max(abs(a - b) for a, b in zip(served, trained.tolist(), strict=True)) < 1e-5

@@ -11,10 +11,14 @@ Without vLLM installed these tests skip, unless RLKIT_REQUIRE_VLLM=1 (set by `ma
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import skip_module_without_vllm
+from conftest import (
+    chat_prompt,
+    sampled_logprob_gap,
+    skip_module_without_vllm,
+    supervised_steps,
+    trainer_logprobs,
+)
 
-from rlkit.api import types
 from rlkit.backend.engines import vllm as vllm_engine
 
 pytestmark = pytest.mark.slow
@@ -36,42 +40,20 @@ def trainer(smollm2, tmp_path_factory):
         device="cpu", checkpoint_dir=tmp_path_factory.mktemp("ckpt"), engine="vllm"
     )
     trainer = service.create_lora_training_client(MODEL, rank=RANK, seed=0)
-    tokens = trainer.get_tokenizer().encode("What is 47 + 38? 47 + 38 = 85")
-    datum = types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
-    )
-    for _ in range(3):  # moves every adapter matrix, the tied output layer's included
-        trainer.forward_backward([datum], "cross_entropy").result()
-        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    supervised_steps(trainer, "What is 47 + 38? 47 + 38 = 85", lr=1e-2)
     yield trainer
     vllm_engine.shutdown()
 
 
 def prompt_of(trainer, question="What is 47 - 38? Answer with the number only."):
-    return trainer.get_tokenizer().apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False
-    )
-
-
-def trainer_logprobs(trainer, tokens):
-    datum = types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0] * (len(tokens) - 1)},
-    )
-    return trainer.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+    return chat_prompt(trainer.get_tokenizer(), question)
 
 
 def test_engine_vllm_serves_the_trained_real_model(trainer):
     sampler = trainer.save_weights_and_get_sampling_client()
     probe = sampler.sync_metrics["sync/probe_mismatch"]
     assert probe < TOLERANCE
-    prompt = prompt_of(trainer)
-    params = types.SamplingParams(max_tokens=12, temperature=1.0, seed=5)
-    worst = 0.0
-    for seq in sampler.sample(types.ModelInput.from_ints(prompt), 4, params).result().sequences:
-        expected = trainer_logprobs(trainer, prompt + seq.tokens).to_torch()[len(prompt) - 1 :]
-        worst = max(worst, float((expected - torch.tensor(seq.logprobs)).abs().max()))
+    worst = sampled_logprob_gap(trainer, sampler, prompt_of(trainer))
     print(f"probe {probe:.2e}, sampled-token logprob gap {worst:.2e}")
     assert worst < TOLERANCE
 
