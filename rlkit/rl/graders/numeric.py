@@ -15,9 +15,14 @@ _IN_TEXT = re.compile(
 )
 
 
+def numbers_in(text: str) -> list[str]:
+    """Every number written in `text`, in order, as written (read one with `parse_number`)."""
+    return _IN_TEXT.findall(text)
+
+
 def last_number(text: str) -> str | None:
     """The last number written in `text`: models often end with the result even without tags."""
-    found = _IN_TEXT.findall(text)
+    found = numbers_in(text)
     return found[-1] if found else None
 
 
