@@ -128,9 +128,18 @@ def build_model(spec: BuiltinSpec, vocab_size: int, tokenizer) -> Qwen3ForCausal
     return model
 
 
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in blocks (checkpoints and GGUF files run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _checksums(directory: Path) -> dict[str, str]:
     return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        p.name: sha256_file(p)
         for p in sorted(directory.iterdir())
         if p.is_file() and p.name != "rlkit_build.json"
     }

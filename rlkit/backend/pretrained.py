@@ -53,7 +53,7 @@ PRETRAINED: dict[str, PackagedGGUF] = {
 def converted_path(base_model: str) -> Path:
     """The cached transformers checkpoint of `base_model` (a name in PRETRAINED, or a path to a
     .gguf file), converting it first if it is not in the cache."""
-    from rlkit.backend.models import cache_dir, cached
+    from rlkit.backend.models import cache_dir, cached, sha256_file
 
     if base_model in PRETRAINED:
         gguf, key = _packaged(base_model)
@@ -62,7 +62,7 @@ def converted_path(base_model: str) -> Path:
         gguf = Path(base_model).expanduser().resolve()
         if not gguf.is_file():
             raise ModelNotFoundError(f"base_model {base_model!r}: no such GGUF file ({gguf})")
-        key = f"{gguf.name}/{_sha256(gguf)}"
+        key = f"{gguf.name}/{sha256_file(gguf)}"
         name = gguf.stem
     digest = hashlib.sha256(f"{CONVERT_FORMAT}/{key}".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{name}-{digest}"
@@ -135,11 +135,3 @@ def _architecture(gguf: Path) -> str:
         raise ModelNotFoundError(
             f"{gguf} is not a readable GGUF file ({type(exc).__name__}: {first})"
         ) from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
