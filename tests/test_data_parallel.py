@@ -182,9 +182,21 @@ def test_sigterm_to_the_launcher_stops_every_process_after_one_step_and_resumes_
     tmp_path, cache, two
 ):
     run_dir = tmp_path / "run"
+    # Each logged step takes a second longer (injected; the bits do not change), so the signal,
+    # forwarded by the launcher, lands well before the last of the 6 steps: at tiny-model speed
+    # it took 2 to 6 steps to arrive, and one run in several finished before it.
+    (tmp_path / "slow" / "sitecustomize.py").parent.mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(
+        "import time\n\nimport rlkit.rl.rollouts\n\n"
+        "metrics = rlkit.rl.rollouts.rollout_metrics\n\n\n"
+        "def slow(*args, **kwargs):\n"
+        "    time.sleep(1.0)\n"
+        "    return metrics(*args, **kwargs)\n\n\n"
+        "rlkit.rl.rollouts.rollout_metrics = slow\n"
+    )
     launcher = subprocess.Popen(
         command(2, run_dir, "checkpoint.every=0"),
-        env=environment(cache),
+        env=environment(cache, PYTHONPATH=str(tmp_path / "slow")),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -198,6 +210,7 @@ def test_sigterm_to_the_launcher_stops_every_process_after_one_step_and_resumes_
     assert out.count("stopped by SIGTERM") == 1, out[-3000:]
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     stopped_at = len(metrics(run_dir)) - 1  # the RL steps logged (after the warm-start row)
+    print(f"stopped after {stopped_at} of 6 steps")
     assert 1 <= stopped_at < 6
     # checkpoint.every=0: checkpoints only at the end and on the signal, so exactly one.
     assert checkpoints == [f"step_{stopped_at:06d}"], (checkpoints, stopped_at)
