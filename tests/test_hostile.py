@@ -362,8 +362,10 @@ def test_a_swapped_warmup_or_env_replaces_the_recipes_settings(tmp_path):
 @pytest.mark.slow
 def test_a_second_run_on_a_run_dir_in_use_is_refused_at_once(tmp_path):
     run_dir = tmp_path / "shared"
+    # Far more steps than the second run's start-up lasts (200 tiny steps once ended first, and
+    # the second then resumed the finished run); the first is killed when the check is done.
     first = subprocess.Popen(
-        [sys.executable, "-m", "rlkit", *FAST, "steps=200", f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "rlkit", *FAST, "steps=100000", f"hydra.run.dir={run_dir}"],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
