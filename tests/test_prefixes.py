@@ -59,6 +59,18 @@ def test_plan_declines_when_sharing_saves_nothing(tokens):
     assert prefixes.plan([row(t) for t in tokens]) is None
 
 
+def test_buckets_group_rows_of_similar_lengths_when_that_saves_work():
+    assert prefixes.buckets([40, 5, 40, 5, 5, 40, 5, 5]) == [[0, 2, 5], [1, 3, 4, 6, 7]]
+    # Padding 3 rows by a token each costs less than a pass of their own.
+    assert prefixes.buckets([10, 9, 10, 9]) == [[0, 1, 2, 3]]
+    rng = random.Random(0)
+    lengths = [rng.randrange(1, 60) for _ in range(50)]
+    plan = prefixes.buckets(lengths)
+    run = sum(len(b) * max(lengths[r] for r in b) + prefixes.PASS_COST for b in plan)
+    assert run < len(lengths) * max(lengths) + prefixes.PASS_COST
+    assert sorted(r for b in plan for r in b) == list(range(50))
+
+
 def test_share_prefix_must_be_a_bool():
     import rlkit
 
@@ -66,9 +78,10 @@ def test_share_prefix_must_be_a_bool():
         rlkit.ServiceClient(device="cpu", share_prefix="no")
 
 
-def rl_batch(seed: int = 0) -> list[types.Datum]:
+def rl_batch(seed: int = 0, long_rows: int = 0) -> list[types.Datum]:
     """Two prompts of different lengths x 3 completions, a lone row, and a row whose targets
-    inside the shared prompt differ from its neighbours' (the API allows any targets)."""
+    inside the shared prompt differ from its neighbours' (the API allows any targets); plus
+    `long_rows` completions of 70-80 tokens (the short ones then run in passes of their own)."""
     g = random.Random(seed)
     system = [g.randrange(3, 250) for _ in range(20)]
     prompts = [system + [g.randrange(3, 250) for _ in range(n)] for n in (6, 9)]
@@ -77,6 +90,7 @@ def rl_batch(seed: int = 0) -> list[types.Datum]:
         for p in prompts
         for _ in range(3)
     ]
+    rows += [prompts[1] + [g.randrange(3, 250) for _ in range(g.randrange(70, 80))]] * long_rows
     rows.append([g.randrange(3, 250) for _ in range(40)])  # longer than the shared prefix
     data = []
     for k, tokens in enumerate(rows):
@@ -108,9 +122,12 @@ def run(trainer, data, share: bool, config=None):
     return out, grads
 
 
-@pytest.mark.parametrize("config", [None, {"entropy_coef": 0.1}])
-def test_shared_prefix_gives_the_full_rows_logprobs_and_gradients(trainer, config):
-    data = rl_batch()
+@pytest.mark.parametrize(
+    "config, long_rows",
+    [(None, 0), ({"entropy_coef": 0.1}, 0), (None, 3), ({"entropy_coef": 0.1}, 3)],
+)
+def test_shared_prefix_gives_the_full_rows_logprobs_and_gradients(trainer, config, long_rows):
+    data = rl_batch(long_rows=long_rows)
     # A trained adapter (B != 0), so the adapter's path through the shared pass counts.
     trainer.forward_backward(data, "importance_sampling").result()
     trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
@@ -118,6 +135,10 @@ def test_shared_prefix_gives_the_full_rows_logprobs_and_gradients(trainer, confi
     rows = to_rows(data, get_loss("importance_sampling"), "x", learner.vocab_size)
     plan = prefixes.plan(rows)
     assert plan is not None and plan.length >= 20  # the rows share the system prompt
+    # Every row runs its own tokens once; long rows do not pad the short ones.
+    assert sorted(r for bucket in plan.buckets for r in bucket) == list(range(len(rows)))
+    long = {r for r, s in enumerate(rows) if s.length > 90}
+    assert len(long) == long_rows and (not long or long in map(set, plan.buckets))
 
     full, full_grads = run(trainer, data, share=False, config=config)
     shared, shared_grads = run(trainer, data, share=True, config=config)

@@ -37,6 +37,7 @@ from rlkit.backend.batching import TokenRow, microbatches, pad, to_rows
 from rlkit.backend.engines.base import Engine, Request
 from rlkit.backend.engines.probe import Snapshot, check_probe, probe_tokens
 from rlkit.backend.engines.registry import EngineSettings
+from rlkit.backend.logprobs import target_logprobs
 
 STATE_FILE = "rlkit_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -109,13 +110,10 @@ class Learner:
             logits = prefixes.forward(self.model, seqs, plan, pad_id, self.device)
             return prefixes.row_logprobs(seqs, plan, logits, entropy)
         tokens, targets, mask = (t.to(self.device) for t in pad(seqs, self.tokenizer.pad_token_id))
-        logits = self.model(input_ids=tokens, attention_mask=mask).logits.float()
-        flat = -torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), reduction="none"
-        )
-        per_token = flat.view(targets.shape)
+        logits = self.model(input_ids=tokens, attention_mask=mask).logits
+        per_token = target_logprobs(logits, targets, torch.tensor([s.length for s in seqs]))
         if entropy is not None:
-            h = prefixes.token_entropy(torch.log_softmax(logits, dim=-1))
+            h = prefixes.token_entropy(torch.log_softmax(logits.float(), dim=-1))
             entropy += [h[row, : s.length] for row, s in enumerate(seqs)]
         return [per_token[row, : s.length] for row, s in enumerate(seqs)]
 

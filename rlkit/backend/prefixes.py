@@ -13,15 +13,20 @@ saves work; the learner's `share_prefix` switch turns it off.
 
 from __future__ import annotations
 
+import copy as _copy
 from dataclasses import dataclass
 
 import torch
 
 from rlkit.backend.batching import TokenRow
+from rlkit.backend.logprobs import target_logprobs
 
 # Share only when the planned passes run at most this fraction of the plain pass's padded
 # tokens (two passes instead of one cost a little on their own).
 WORTH_IT = 0.9
+# A pass over rows' own tokens costs about this many tokens' work on its own (the cache gather,
+# per-layer calls); a bucket of shorter rows gets its own pass when that saves more padding.
+PASS_COST = 32
 
 
 @dataclass(frozen=True)
@@ -35,10 +40,14 @@ class PrefixPlan:
     cluster: list[int]
     length: int
     members: list[int]
+    # The rows' own tokens run in one pass per bucket of rows of similar lengths (each padded to
+    # its longest row, not to the longest of all).
+    buckets: list[list[int]]
 
     def tokens_run(self, lengths: list[int]) -> int:
-        """Tokens the two passes run for rows of these lengths, padding included."""
-        return _tokens_run(len(self.members), self.length, lengths)
+        """Tokens the passes run for rows of these lengths, padding included."""
+        own = sum(len(b) * max(lengths[r] - self.length for r in b) for b in self.buckets)
+        return len(self.members) * self.length + own
 
 
 def _tokens_run(clusters: int, length: int, lengths: list[int]) -> int:
@@ -85,59 +94,94 @@ def plan(seqs: list[TokenRow]) -> PrefixPlan | None:
     for c, (start, end) in enumerate(zip(starts, [*starts[1:], len(order)], strict=True)):
         for k in range(start, end):
             cluster[order[k]] = c
-    return PrefixPlan(cluster, length, [order[k] for k in starts])
+    rest = [n - length for n in lengths]
+    return PrefixPlan(cluster, length, [order[k] for k in starts], buckets(rest))
+
+
+def buckets(lengths: list[int]) -> list[list[int]]:
+    """Rows grouped into passes of similar lengths: the grouping of the rows sorted longest
+    first into consecutive runs with the fewest tokens run (each run padded to its longest row,
+    plus PASS_COST per run). Each bucket lists its rows in order."""
+    order = sorted(range(len(lengths)), key=lambda r: (-lengths[r], r))
+    n = len(order)
+    cost, cut = [0] * (n + 1), [n] * (n + 1)  # cost[k]: the best for order[k:]
+    for k in range(n - 1, -1, -1):
+        cost[k], cut[k] = min(
+            ((j - k) * lengths[order[k]] + PASS_COST + cost[j], j) for j in range(k + 1, n + 1)
+        )
+    out, k = [], 0
+    while k < n:
+        out.append(sorted(order[k : cut[k]]))
+        k = cut[k]
+    return out
 
 
 def forward(model, seqs: list[TokenRow], plan: PrefixPlan, pad_id: int, device) -> tuple:
-    """The rows' logits as two tensors: the clusters' prefixes (C, P, V) and each row's own
-    tokens after them (R, S, V, right-padded; positions continue after the prefix)."""
+    """The clusters' prefix logits (C, P, V), and per bucket of `plan.buckets` its rows' own
+    tokens' logits after the prefix (rows, S, V, right-padded; positions continue after it)."""
     n = plan.length
-    prefix_ids = torch.stack([seqs[row].tokens[:n] for row in plan.members])
-    rest = [s.length - n for s in seqs]
-    ids = torch.full((len(seqs), max(rest)), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n + max(rest)), dtype=torch.long)
-    mask[:, :n] = 1
-    for r, s in enumerate(seqs):
-        ids[r, : rest[r]] = s.tokens[n:]
-        mask[r, n : n + rest[r]] = 1
-    positions = (n + torch.arange(max(rest)))[None, :].expand(len(seqs), -1)
-
-    prefix_ids = prefix_ids.to(device)
+    prefix_ids = torch.stack([seqs[row].tokens[:n] for row in plan.members]).to(device)
     shared = model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), use_cache=True)
-    cache = shared.past_key_values
-    cache.batch_select_indices(torch.tensor(plan.cluster, device=device))  # an autograd gather
-    own = model(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return shared.logits, own.logits
+    own = []
+    for bucket in plan.buckets:
+        rest = [seqs[r].length - n for r in bucket]
+        ids = torch.full((len(bucket), max(rest)), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(bucket), n + max(rest)), dtype=torch.long)
+        mask[:, :n] = 1
+        for i, r in enumerate(bucket):
+            ids[i, : rest[i]] = seqs[r].tokens[n:]
+            mask[i, n : n + rest[i]] = 1
+        positions = (n + torch.arange(max(rest)))[None, :].expand(len(bucket), -1)
+        cache = _select(shared.past_key_values, [plan.cluster[r] for r in bucket], device)
+        out = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        own.append(out.logits)
+    return shared.logits, own
+
+
+def _select(cache, rows: list[int], device):
+    """A copy of the prefix cache holding `rows` of it, in that order (an autograd gather); the
+    shared cache itself is left as it is for the next bucket."""
+    copy = _copy.copy(cache)
+    copy.layers = [_copy.copy(layer) for layer in cache.layers]
+    copy.batch_select_indices(torch.tensor(rows, device=device))
+    return copy
 
 
 def row_logprobs(seqs, plan: PrefixPlan, logits: tuple, entropy: list | None) -> list:
     """Each row's logprobs of its own targets (and, into `entropy`, its per-position entropy),
     read off the shared prefix logits for its first tokens and off its own logits after."""
-    shared, own = (x.float().log_softmax(-1) for x in logits)
+    shared, own = logits
     n = plan.length
-    targets = torch.stack([s.targets[:n] for s in seqs]).to(shared.device)
-    cluster = torch.tensor(plan.cluster, device=shared.device)
-    positions = torch.arange(n, device=shared.device)
-    first = shared[cluster[:, None], positions[None, :], targets]  # (R, P)
-    # One gather over every row, then slices of the small (R, T) result: indexing each row of
-    # the (R, T, V) tensor costs a zero-filled (R, T, V) gradient per row in the backward pass
-    # (39% of a step at a 49k vocabulary, measured).
-    after = torch.zeros(own.shape[:2], dtype=torch.long, device=own.device)
-    for r, s in enumerate(seqs):
-        after[r, : s.length - n] = s.targets[n:]
-    own_lp = own.gather(-1, after[..., None])[..., 0]  # (R, T)
-    out = [torch.cat([first[r], own_lp[r, : s.length - n]]) for r, s in enumerate(seqs)]
+    first = target_logprobs(
+        shared,
+        torch.stack([s.targets[:n] for s in seqs]),
+        torch.full((len(seqs),), n),
+        source=torch.tensor(plan.cluster),
+    )  # (R, n)
+    after: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
+    h_after: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
+    for bucket, x in zip(plan.buckets, own, strict=True):
+        rest = torch.tensor([seqs[r].length - n for r in bucket])
+        targets = torch.zeros(x.shape[:2], dtype=torch.long)
+        for i, r in enumerate(bucket):
+            targets[i, : rest[i]] = seqs[r].targets[n:]
+        lp = target_logprobs(x, targets, rest)
+        h = token_entropy(x.float().log_softmax(-1)) if entropy is not None else None
+        for i, r in enumerate(bucket):
+            after[r] = lp[i, : rest[i]]
+            if h is not None:
+                h_after[r] = h[i, : rest[i]]
     if entropy is not None:
-        h_shared, h_own = token_entropy(shared), token_entropy(own)
-        for r, (s, c) in enumerate(zip(seqs, plan.cluster, strict=True)):
-            entropy.append(torch.cat([h_shared[c], h_own[r, : s.length - n]]))
-    return out
+        h_shared = token_entropy(shared.float().log_softmax(-1))
+        for r, c in enumerate(plan.cluster):
+            entropy.append(torch.cat([h_shared[c], h_after[r]]))
+    return [torch.cat([first[r], after[r]]) for r in range(len(seqs))]
 
 
 def token_entropy(logp: torch.Tensor) -> torch.Tensor:

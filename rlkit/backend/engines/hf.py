@@ -160,18 +160,76 @@ class _Row:
 
 
 def _filtered(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus), as transformers applies them."""
+    """Temperature, then top-k, then top-p (nucleus), as transformers applies them; on the last
+    dimension (one row of logits or a batch of them)."""
     x = logits / params.temperature
     if params.top_k != -1 and params.top_k < x.shape[-1]:
-        kth = torch.topk(x, params.top_k).values[-1]
+        kth = torch.topk(x, params.top_k).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
     if params.top_p < 1:
         ordered, order = torch.sort(x, descending=False)
         cumulative = ordered.softmax(-1).cumsum(-1)
         drop = cumulative <= 1 - params.top_p
-        drop[-1] = False  # always keep the most likely token
-        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        drop[..., -1] = False  # always keep the most likely token
+        x = x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return x
+
+
+def _draw(logits: torch.Tensor, logprobs: torch.Tensor, rows: list[_Row]) -> list[int]:
+    """Each row's next token: a greedy row's argmax; any other row's one uniform number from its
+    own generator, read through the inverse cumulative distribution of its filtered logits
+    (exactly a draw from it). One draw per token keeps a row's tokens independent of its batch,
+    and rows with the same settings share their filters' and softmax's passes."""
+    chosen = logits.argmax(-1).tolist()
+    settings: dict[tuple, list[int]] = {}
+    for b, row in enumerate(rows):
+        if row.generator is not None:
+            key = (row.params.temperature, row.params.top_k, row.params.top_p)
+            settings.setdefault(key, []).append(b)
+    for (temperature, top_k, top_p), batch in settings.items():
+        every = len(batch) == len(rows)
+        index = torch.tensor(batch, device=logits.device)
+        if temperature == 1 and top_k == -1 and top_p == 1:  # the policy's own distribution
+            probs = (logprobs if every else logprobs[index]).exp()
+        else:
+            x = logits if every else logits[index]
+            probs = _filtered(x, rows[batch[0]].params).softmax(-1)
+        u = torch.cat(
+            [
+                torch.rand(1, dtype=torch.float64, generator=rows[b].generator, device=probs.device)
+                for b in batch
+            ]
+        )
+        for b, token in zip(batch, _inverse_cdf(probs, u).tolist(), strict=True):
+            chosen[b] = token
+    return chosen
+
+
+# Cumulative sums run in float32 inside blocks of this many tokens and in float64 across blocks.
+BLOCK = 256
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of `probs` (rows, vocabulary; unnormalized, >= 0), the token where the cumulative
+    sum first exceeds `u` (in [0, 1), float64) times the row's total. A token's share is resolved
+    relative to its block's mass (float32), blocks relative to the total (float64): a float64
+    cumulative sum over the whole vocabulary cost 6x more (the conversion alone, measured)."""
+    rows, vocab = probs.shape
+    if vocab % BLOCK:
+        probs = torch.nn.functional.pad(probs, (0, BLOCK - vocab % BLOCK))
+    inner = probs.view(rows, -1, BLOCK).cumsum(-1)
+    across = inner[..., -1].double().cumsum(-1)  # (rows, blocks)
+    target = u * across[:, -1]
+    block = torch.searchsorted(across, target[:, None], right=True)[:, 0]
+    block = block.clamp(max=across.shape[1] - 1)
+    before = across.gather(1, (block - 1).clamp(min=0)[:, None])[:, 0] * (block > 0)
+    within = inner[torch.arange(rows, device=probs.device), block].double()  # (rows, BLOCK)
+    offset = torch.searchsorted(within, (target - before)[:, None], right=True)[:, 0]
+    token = block * BLOCK + offset.clamp(max=BLOCK - 1)
+    # Rounding could land a target a hair past its block's last token, on one of probability 0
+    # (as likely as 1 in 2^50): the row's most likely token instead.
+    zero = probs.gather(1, token[:, None])[:, 0] == 0
+    return torch.where(zero, probs.argmax(-1), token) if bool(zero.any()) else token
 
 
 @torch.no_grad()
@@ -210,14 +268,7 @@ def sample_batch(model, tokenizer, requests: list[Request]) -> list[list[Sampled
     while True:
         logits = logits.float()
         logprobs = logits.log_softmax(-1)  # the raw policy's, before temperature and filters
-        chosen = []
-        for b, k in enumerate(live):
-            row = rows[k]
-            if row.generator is None:
-                chosen.append(int(logits[b].argmax()))
-            else:
-                probs = _filtered(logits[b], row.params).softmax(-1)
-                chosen.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+        chosen = _draw(logits, logprobs, [rows[k] for k in live])
         done = [
             rows[k].add(token, float(logprobs[b, token]), tokenizer)
             for b, (k, token) in enumerate(zip(live, chosen, strict=True))
