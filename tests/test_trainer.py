@@ -141,13 +141,18 @@ def test_stop_strings_end_rollouts(tmp_path):
     completion gives that completion cut right after it."""
     first = tmp_path / "a"
     cli([*FAST, "steps=1", f"hydra.run.dir={first}"], cwd=tmp_path)
-    sample = json.loads((first / "samples.jsonl").read_text().splitlines()[0])["completion"]
-    assert len(sample) > 2, sample
-    stop = sample[len(sample) // 2]  # a character that occurs mid-completion
-    cut = sample[: sample.index(stop) + 1]
+    samples = [
+        json.loads(x)["completion"] for x in (first / "samples.jsonl").read_text().split("\n") if x
+    ]
+    # An ASCII letter or digit that occurs after a completion's first character (Hydra's
+    # command line reads no \u escapes: a stop string "\ufffd" arrives as six characters).
+    k, stop = next(
+        (k, c) for k, text in enumerate(samples) for c in text[1:] if c.isascii() and c.isalnum()
+    )
+    cut = samples[k][: samples[k].index(stop) + 1]
     second = tmp_path / "b"
     cli([*FAST, "steps=1", f"stop=[{json.dumps(stop)}]", f"hydra.run.dir={second}"], cwd=tmp_path)
-    again = json.loads((second / "samples.jsonl").read_text().splitlines()[0])["completion"]
+    again = json.loads((second / "samples.jsonl").read_text().splitlines()[k])["completion"]
     assert again == cut
 
 
