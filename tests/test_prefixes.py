@@ -69,6 +69,11 @@ def test_buckets_group_rows_of_similar_lengths_when_that_saves_work():
     run = sum(len(b) * max(lengths[r] for r in b) + prefixes.PASS_COST for b in plan)
     assert run < len(lengths) * max(lengths) + prefixes.PASS_COST
     assert sorted(r for b in plan for r in b) == list(range(50))
+    # Thousands of rows of thousands of lengths: runs end at no more than MAX_CUTS candidates.
+    lengths = [rng.randrange(1, 4000) for _ in range(5000)]
+    plan = prefixes.buckets(lengths)
+    assert sorted(r for b in plan for r in b) == list(range(5000))
+    assert 1 < len(plan) <= prefixes.MAX_CUTS
 
 
 def test_share_prefix_must_be_a_bool():

@@ -27,6 +27,7 @@ WORTH_IT = 0.9
 # A pass over rows' own tokens costs about this many tokens' work on its own (the cache gather,
 # per-layer calls); a bucket of shorter rows gets its own pass when that saves more padding.
 PASS_COST = 32
+MAX_CUTS = 256
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,18 @@ def buckets(lengths: list[int]) -> list[list[int]]:
     plus PASS_COST per run). Each bucket lists its rows in order."""
     order = sorted(range(len(lengths)), key=lambda r: (-lengths[r], r))
     n = len(order)
-    cost, cut = [0] * (n + 1), [n] * (n + 1)  # cost[k]: the best for order[k:]
-    for k in range(n - 1, -1, -1):
+    # Runs end only where the length changes (splitting rows of one length saves nothing);
+    # at most MAX_CUTS candidate ends keep the search small for thousands of rows.
+    ends = [k for k in range(1, n) if lengths[order[k]] != lengths[order[k - 1]]] + [n]
+    ends = ends[:: -(-len(ends) // MAX_CUTS)] if len(ends) > MAX_CUTS else ends
+    if ends[-1] != n:
+        ends.append(n)
+    starts = [0, *ends[:-1]]
+    cost = {n: 0}
+    cut: dict[int, int] = {}
+    for k in reversed(starts):  # cost[k]: the best for order[k:]
         cost[k], cut[k] = min(
-            ((j - k) * lengths[order[k]] + PASS_COST + cost[j], j) for j in range(k + 1, n + 1)
+            ((j - k) * lengths[order[k]] + PASS_COST + cost[j], j) for j in ends if j > k
         )
     out, k = [], 0
     while k < n:
