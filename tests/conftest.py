@@ -52,6 +52,20 @@ def supervised_steps(trainer, text: str, steps: int = 3, lr: float = 5e-2) -> No
         trainer.optim_step(types.AdamParams(learning_rate=lr)).result()
 
 
+def replace_rollout_metrics(directory, body: str) -> str:
+    """A PYTHONPATH under which a Python process replaces, as it starts (sitecustomize), the
+    loop's `rlkit.rl.rollouts.rollout_metrics` with one running `body` (Python lines, indented
+    by 4; `original(*args, **kwargs)` is the real one). For fault injection in child processes."""
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(
+        "import time\n\nimport rlkit.rl.rollouts\n\n"
+        "original = rlkit.rl.rollouts.rollout_metrics\n\n\n"
+        f"def replacement(*args, **kwargs):\n{body}\n\n\n"
+        "rlkit.rl.rollouts.rollout_metrics = replacement\n"
+    )
+    return str(directory)
+
+
 def chat_prompt(tokenizer, question: str) -> list[int]:
     """`question` as a user's message in the tokenizer's chat template, ready for an answer."""
     return tokenizer.apply_chat_template(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, wait_for_lines
+from conftest import free_port, replace_rollout_metrics, wait_for_lines
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # starts launchers and their processes
@@ -185,18 +185,12 @@ def test_sigterm_to_the_launcher_stops_every_process_after_one_step_and_resumes_
     # Each logged step takes a second longer (injected; the bits do not change), so the signal,
     # forwarded by the launcher, lands well before the last of the 6 steps: at tiny-model speed
     # it took 2 to 6 steps to arrive, and one run in several finished before it.
-    (tmp_path / "slow" / "sitecustomize.py").parent.mkdir()
-    (tmp_path / "slow" / "sitecustomize.py").write_text(
-        "import time\n\nimport rlkit.rl.rollouts\n\n"
-        "metrics = rlkit.rl.rollouts.rollout_metrics\n\n\n"
-        "def slow(*args, **kwargs):\n"
-        "    time.sleep(1.0)\n"
-        "    return metrics(*args, **kwargs)\n\n\n"
-        "rlkit.rl.rollouts.rollout_metrics = slow\n"
+    slow = replace_rollout_metrics(
+        tmp_path / "slow", "    time.sleep(1.0)\n    return original(*args, **kwargs)"
     )
     launcher = subprocess.Popen(
         command(2, run_dir, "checkpoint.every=0"),
-        env=environment(cache, PYTHONPATH=str(tmp_path / "slow")),
+        env=environment(cache, PYTHONPATH=slow),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import replace_rollout_metrics
 
 from rlkit.api import losses
 from rlkit.api.errors import RlkitError
@@ -215,14 +216,8 @@ def test_a_users_error_is_one_line_a_bug_keeps_its_traceback(tmp_path):
     assert "error: env BrokenEnv.eval_problems() returned int, not a list" in broken.stderr
 
     # A bug in rlkit (injected: a function of the loop that raises) keeps its traceback.
-    (tmp_path / "bug" / "sitecustomize.py").parent.mkdir()
-    (tmp_path / "bug" / "sitecustomize.py").write_text(
-        "import rlkit.rl.rollouts\n\n\n"
-        "def broken(*args, **kwargs):\n"
-        "    raise AssertionError('an rlkit bug')\n\n\n"
-        "rlkit.rl.rollouts.rollout_metrics = broken\n"
-    )
-    bug = cli(tmp_path, *FAST, env={"PYTHONPATH": str(tmp_path / "bug")})
+    raising = replace_rollout_metrics(tmp_path / "bug", "    raise AssertionError('an rlkit bug')")
+    bug = cli(tmp_path, *FAST, env={"PYTHONPATH": raising})
     assert bug.returncode == 1 and "Traceback" in bug.stderr, bug.stderr
     assert "AssertionError: an rlkit bug" in bug.stderr
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlkit.backend.batching import TokenRow
+from rlkit.backend.batching import TokenRow, pad
 from rlkit.backend.logprobs import target_logprobs
 
 # Share only when the planned passes run at most this fraction of the plain pass's padded
@@ -133,14 +133,9 @@ def forward(model, seqs: list[TokenRow], plan: PrefixPlan, pad_id: int, device) 
     shared = model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), use_cache=True)
     own = []
     for bucket in plan.buckets:
-        rest = [seqs[r].length - n for r in bucket]
-        ids = torch.full((len(bucket), max(rest)), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(bucket), n + max(rest)), dtype=torch.long)
-        mask[:, :n] = 1
-        for i, r in enumerate(bucket):
-            ids[i, : rest[i]] = seqs[r].tokens[n:]
-            mask[i, n : n + rest[i]] = 1
-        positions = (n + torch.arange(max(rest)))[None, :].expand(len(bucket), -1)
+        ids, _, own_mask = pad(_after(seqs, bucket, n), pad_id)
+        mask = torch.cat([torch.ones((len(bucket), n), dtype=torch.long), own_mask], dim=1)
+        positions = (n + torch.arange(ids.shape[1]))[None, :].expand(len(bucket), -1)
         cache = _select(shared.past_key_values, [plan.cluster[r] for r in bucket], device)
         out = model(
             input_ids=ids.to(device),
@@ -151,6 +146,11 @@ def forward(model, seqs: list[TokenRow], plan: PrefixPlan, pad_id: int, device) 
         )
         own.append(out.logits)
     return shared.logits, own
+
+
+def _after(seqs: list[TokenRow], rows: list[int], n: int) -> list[TokenRow]:
+    """The tokens and targets of `rows` after their first n (the shared prefix)."""
+    return [TokenRow(seqs[r].tokens[n:], seqs[r].targets[n:], {}) for r in rows]
 
 
 def _select(cache, rows: list[int], device):
@@ -177,9 +177,7 @@ def row_logprobs(seqs, plan: PrefixPlan, logits: tuple, entropy: list | None) ->
     h_after: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     for bucket, x in zip(plan.buckets, own, strict=True):
         rest = torch.tensor([seqs[r].length - n for r in bucket])
-        targets = torch.zeros(x.shape[:2], dtype=torch.long)
-        for i, r in enumerate(bucket):
-            targets[i, : rest[i]] = seqs[r].targets[n:]
+        _, targets, _ = pad(_after(seqs, bucket, n), pad_id=0)
         lp = target_logprobs(x, targets, rest)
         h = token_entropy(x.float().log_softmax(-1)) if entropy is not None else None
         for i, r in enumerate(bucket):
