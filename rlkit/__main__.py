@@ -27,7 +27,7 @@ plugins.register_entry_points()
 def main(cfg: DictConfig) -> None:
     from rlkit.rl.loop import train
 
-    procs = client.processes()
+    procs = client.Launch.join()
     run_dir = HydraConfig.get().runtime.output_dir
     if procs.is_main:
         procs.broadcast(run_dir, "run dir")  # to the other processes, waiting in `run()`
@@ -70,8 +70,8 @@ def run() -> None:
                 check_dir_path(key, value)
             except RlkitError as exc:
                 raise SystemExit(f"error: {exc}") from None
-    procs = client.processes()  # a launcher's group; rank 0 of 1 without one
-    if warning := client.lost_processes():
+    procs = client.Launch.join()  # a launcher's group; rank 0 of 1 without one
+    if warning := client.Launch.lost_processes():
         print(warning, file=sys.stderr)
     if procs.world_size > 1:
         if {"-m", "--multirun"} & set(sys.argv[1:]):

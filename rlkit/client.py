@@ -10,6 +10,15 @@ Differences from the hosted service, on purpose:
 - `load_state` restores the optimizer too (`load_state(path, with_optimizer=False)` does not);
 - a request with no `seed` gets one derived from the client's seed and a call counter, so a
   whole run is reproducible.
+
+Several processes: under a launcher (`accelerate launch --num_processes N`, torchrun) every
+process runs the same program and makes the same calls with the same data; the client splits
+each call's work between them and hands every process the whole result (global-view SPMD, see
+README "Several processes"). The caller never sees a rank: `forward_backward`'s datums,
+`compute_reference_logprobs` and the sample requests that run together are divided between the
+processes, `optim_step` sums their gradients, and `map_items` spreads plain Python work (rewards,
+environment steps) the same way. `Launch` tells the run plumbing above the client which process
+writes the outputs and lets the processes agree on a value.
 """
 
 from __future__ import annotations
@@ -45,50 +54,98 @@ from rlkit.api.types import (
     to_token_list,
 )
 from rlkit.backend import distributed, models
-from rlkit.backend.distributed import PeerLostError, Processes
 from rlkit.backend.engines.base import Request
 from rlkit.backend.engines.probe import Snapshot
-from rlkit.backend.engines.registry import ENGINES, EngineSettings
+from rlkit.backend.engines.registry import EngineSettings
 from rlkit.backend.learner import Learner, read_state
 
-# The rollout engines' short names (`ServiceClient(engine=...)`) and their settings parser, for
-# callers above the seam that check a config before making a client.
-# `processes()`: this process's place in a data-parallel run (rlkit.backend.distributed).
 __all__ = [
-    "ENGINES",
     "APIFuture",
-    "EngineSettings",
-    "PeerLostError",
-    "Processes",
+    "Launch",
     "SamplingClient",
     "ServiceClient",
     "TrainingClient",
-    "launcher_info",
-    "lost_processes",
-    "processes",
+    "check_engine",
+    "map_items",
+    "resolve_model",
+    "vllm_max_lora_rank",
 ]
 
-
-def processes(timeout_s: float | None = None) -> Processes:
-    """This process's rank among the processes a launcher started (`accelerate launch`,
-    torchrun), joining their group on the first call; rank 0 of 1 without a launcher.
-
-    In a group, every training client's `optim_step` uses the gradients summed over all the
-    processes: each process's `forward_backward` datums are its share of one batch."""
-    return distributed.join(timeout_s)
-
-
-def launcher_info() -> dict[str, Any]:
-    """World size, backend and the launcher's settings, for a run's manifest."""
-    return distributed.launcher_info()
-
-
-def lost_processes() -> str | None:
-    """A warning when a launcher asked for N processes but started one (accelerate's --cpu)."""
-    return distributed.lost_processes()
-
-
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_items(fn: Callable[[T], R], items: list[T], what: str = "map_items") -> list[R]:
+    """`[fn(x) for x in items]`, with each item computed by one of the run's processes and every
+    process getting the whole list (one process: exactly that list comprehension). For work
+    that is Python, not model, and costs per item: rewards, environment steps, grading. Every
+    process must call it with the same items; an exception is raised in the process whose item
+    raised it, and the others fail naming `what` (PeerLostError)."""
+    return distributed.current().map_items(fn, list(items), what)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """The processes a launcher started, as the run plumbing above the client sees them: which
+    one writes outputs (`is_main`), how many there are, and agreeing on a value. One process
+    without a launcher. `Launch.join(timeout_s)` joins the launcher's group (the first call);
+    collectives then fail after `timeout_s` seconds with a PeerLostError."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def join(cls, timeout_s: float | None = None) -> Launch:
+        procs = distributed.join(timeout_s)
+        return cls(procs.rank, procs.world_size)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj: Any = None, what: str = "broadcast") -> Any:
+        """The main process's `obj`, on every process."""
+        return distributed.current().broadcast(obj, what)
+
+    def any(self, flag: bool, what: str = "any") -> bool:
+        """True on every process when any process passes True."""
+        return distributed.current().any(flag, what)
+
+    def barrier(self, what: str = "barrier") -> None:
+        """Wait until every process gets here."""
+        distributed.current().sum(0, what)
+
+    def info(self) -> dict[str, Any]:
+        """World size, backend and the launcher's settings, for a run's manifest."""
+        return distributed.launcher_info()
+
+    @staticmethod
+    def lost_processes() -> str | None:
+        """A warning when a launcher asked for N processes but started one (accelerate --cpu)."""
+        return distributed.lost_processes()
+
+
+def check_engine(
+    engine: str = "hf", options: dict | None = None, where: str = "engine_options "
+) -> None:
+    """Raise ValueError naming the bad key when `engine` (a short name or an engine class's
+    dotted path) or its `options` are not what `ServiceClient(engine=..., engine_options=...)`
+    takes; for callers that check a config before making a client."""
+    EngineSettings.parse(engine, options, where=where)
+
+
+def resolve_model(name: str) -> str:
+    """A base model's local directory: a built-in model (built into the cache when missing), a
+    local directory, or a hub id from the local hub cache (for servers started beside a run)."""
+    return str(models.resolve(name))
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that fits an adapter of rank `rank` (for a
+    vLLM server the trainers' samplers share)."""
+    from rlkit.backend.engines.vllm import lora_rank_limit  # imports vLLM only when asked
+
+    return lora_rank_limit(rank)
 
 
 class APIFuture(Generic[T]):
@@ -217,6 +274,8 @@ class ServiceClient:
         if not isinstance(share_prefix, bool):
             raise ValueError(f"share_prefix must be True or False, got {share_prefix!r}")
         self.share_prefix = share_prefix
+        # The launcher's processes (joined on the first client), which share every call.
+        self._processes = distributed.join()
         device = distributed.device(device)  # several processes on a node: one GPU each
         self.device = (
             torch.device(device)
@@ -235,6 +294,7 @@ class ServiceClient:
             engine=self.engine,
             quant=quant,
             share_prefix=self.share_prefix,
+            processes=self._processes,
         )
 
     def create_lora_training_client(
@@ -361,6 +421,11 @@ class TrainingClient:
 
     async def get_info_async(self) -> GetInfoResponse:
         return self.get_info()
+
+    def work_counts(self) -> dict[str, int]:
+        """The tokens this process ran forward (training, references) and sampled itself
+        (local extension): under a launcher, its share of every call; in one process, all."""
+        return dict(self._learner.local_counts)
 
     # ---- training -----------------------------------------------------------------------
     def forward(

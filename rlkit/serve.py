@@ -20,9 +20,8 @@ import torch
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from rlkit import client
 from rlkit.api.errors import RlkitError
-from rlkit.backend import models
-from rlkit.backend.engines.vllm import lora_rank_limit
 from rlkit.run import config
 
 
@@ -41,12 +40,12 @@ def vllm_command(overrides: list[str], vllm_flags: list[str]) -> list[str]:
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
-        models.resolve(cfg.model.base_model),
+        client.resolve_model(cfg.model.base_model),
         "--dtype",
         dtype,
         "--enable-lora",
         "--max-lora-rank",
-        str(lora_rank_limit(cfg.adapter.rank)),
+        str(client.vllm_max_lora_rank(cfg.adapter.rank)),
         "--logprobs-mode",
         "raw_logprobs",
         "--seed",

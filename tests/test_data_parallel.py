@@ -62,13 +62,17 @@ LOSS_REL, LOSS_ATOL = 1e-4, 5e-5
 
 
 def command(processes: int, run_dir: Path, *extra: str) -> list[str]:
-    overrides = [*ARGS, f"hydra.run.dir={run_dir}", *extra]
+    return [*launcher(processes), "-m", "rlkit", *ARGS, f"hydra.run.dir={run_dir}", *extra]
+
+
+def launcher(processes: int) -> list[str]:
+    """What starts `-m MODULE` in `processes` processes (plain python for one)."""
     if processes == 1:
-        return [sys.executable, "-m", "rlkit", *overrides]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    launcher += ["--num_processes", str(processes), "--num_machines", "1"]
-    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*launcher, "--main_process_port", str(free_port()), "-m", "rlkit", *overrides]
+        return [sys.executable]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    cmd += ["--num_processes", str(processes), "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*cmd, "--main_process_port", str(free_port())]
 
 
 def environment(cache: Path, **extra: str) -> dict[str, str]:
@@ -246,3 +250,65 @@ def test_two_processes_and_one_group_train_on_the_process_that_has_it(tmp_path, 
     rows = [r for r in metrics(run_dir) if r["step"] >= 0 and "reward/mean" in r]
     assert rows and all(r["train/frac_skipped_groups"] in (0.0, 1.0) for r in rows)
     assert any(r["train/loss"] is not None for r in rows), rows
+
+
+STEP_LINE = re.compile(r"step +(\d+)  reward ([\d.]+)  loss (\S+)  datums (\d+)")
+WORK_LINE = re.compile(r"work done in this process: (\d+) tokens forward, (\d+) tokens sampled")
+
+
+def hand_loop(processes: int, cache: Path) -> tuple[list[tuple], list[tuple[int, int]]]:
+    """The example's step lines (one set per process: they must agree) and work lines."""
+    cmd = [*launcher(processes), "-m", "rlkit.examples.rl_loop", "--steps", "6"]
+    done = subprocess.run(cmd, env=environment(cache), capture_output=True, text=True, timeout=300)
+    ok(done)
+    steps = [m.groups() for m in STEP_LINE.finditer(done.stdout)]
+    work = [tuple(map(int, m.groups())) for m in WORK_LINE.finditer(done.stdout)]
+    assert len(steps) == 6 * processes and len(work) == processes, done.stdout[-3000:]
+    return steps, work
+
+
+def test_a_hand_written_loop_scales_unchanged_and_splits_the_work(cache):
+    """rlkit.examples.rl_loop (plain sample / forward_backward / optim_step calls) under the
+    2-process launcher: both processes see the same steps, equal to one process's (the same
+    rewards and datums: the same samples; the loss within rounding), and each process did part
+    of the work, together exactly one process's."""
+    one_steps, [(one_fwd, one_sampled)] = hand_loop(1, cache)
+    two_steps, two_work = hand_loop(2, cache)
+    by_step = sorted(two_steps, key=lambda s: int(s[0]))
+    for i, (step, reward, loss, datums) in enumerate(one_steps):
+        for other in by_step[2 * i : 2 * i + 2]:
+            assert other[0] == step and other[1] == reward and other[3] == datums, (other, step)
+            if loss != "-":
+                assert float(other[2]) == pytest.approx(float(loss), rel=LOSS_REL, abs=LOSS_ATOL)
+    assert sum(f for f, _ in two_work) == one_fwd and all(f > 0 for f, _ in two_work), two_work
+    assert sum(s for _, s in two_work) == one_sampled and all(s > 0 for _, s in two_work)
+
+
+def test_rewards_run_once_per_group_in_all_however_many_processes(tmp_path, cache):
+    """Every process holds the whole step, but a reward (expensive in real runs: code
+    execution, judges) scores each group once in all: a reward that counts its calls is called
+    steps x groups_per_step times over the 2 processes, each of which does part of it."""
+    plugin = tmp_path / "counting_reward.py"
+    calls = tmp_path / "calls.txt"
+    plugin.write_text(
+        "import os\n\n\n"
+        "def counted(completions, problem):\n"
+        f"    with open({str(calls)!r}, 'a') as f:\n"
+        "        f.write(f'{os.getpid()} {len(completions)}\\n')\n"
+        "    return [float(len(c) % 3) for c in completions]\n"
+    )
+    ok(
+        run(
+            2,
+            tmp_path / "run",
+            cache,
+            "+reward.counted._target_=counting_reward.counted",
+            "steps=2",
+            "warmup.steps=1",
+            PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        )
+    )
+    lines = [line.split() for line in calls.read_text().splitlines()]
+    assert len(lines) == 2 * 3, lines  # steps x groups_per_step
+    assert {n for _, n in lines} == {"4"}  # group_size completions per call
+    assert len({pid for pid, _ in lines}) == 2, lines

@@ -1,10 +1,13 @@
-"""The gradient sum across processes (issue 12's first part), on CPU with gloo: two real processes
-joined by torch.distributed, each a training client on the tiny model.
+"""The client's data parallelism (global-view SPMD), on CPU with gloo: two real processes joined
+by torch.distributed, each a training client on the tiny model, both making the same calls with
+the same data, as a hand-written loop under a launcher does.
 
-Each process saves its adapter after one optim_step; the parent compares them with each other
-and with a single process that trains on the whole batch.
+Each process saves its adapter after one forward_backward + optim_step and writes what it did
+itself (tokens forwarded and sampled, the items `map_items` ran there); the parent compares them
+with each other and with a single process making the same calls.
 """
 
+import json
 import os
 from datetime import timedelta
 
@@ -18,11 +21,11 @@ pytestmark = pytest.mark.slow  # starts two processes
 WORLD = 2
 
 
-def batch(tokenizer) -> list:
+def batch(tokenizer, n: int) -> list:
     from rlkit.api import types
 
     datums = []
-    for i in range(4):
+    for i in range(n):
         tokens = tokenizer.encode(f"question {i} -> answer {i * 7}", add_special_tokens=False)
         datums.append(
             types.Datum(
@@ -33,23 +36,43 @@ def batch(tokenizer) -> list:
     return datums
 
 
-def train_once(shares, out_file, checkpoint_dir) -> None:
-    """One forward_backward on this process's share of the batch, one optim_step, then save."""
+def train_once(n_datums, out_dir, name) -> None:
+    """The same calls in every process: forward_backward on the whole batch, optim_step, four
+    sample requests, and a map over six items; then save what came back."""
     import rlkit
+    from rlkit import client
     from rlkit.api import types
 
-    service = rlkit.ServiceClient(device="cpu", checkpoint_dir=checkpoint_dir)
+    service = rlkit.ServiceClient(device="cpu", checkpoint_dir=f"{out_dir}/c-{name}")
     trainer = service.create_lora_training_client("rlkit-tiny", rank=4, seed=0)
-    data = batch(trainer.get_tokenizer())
-    mine = [data[i] for i in shares]
-    if mine:  # a process whose groups were all skipped sends nothing
-        trainer.forward_backward(mine, "cross_entropy").result()
+    data = batch(trainer.get_tokenizer(), n_datums)
+    out = trainer.forward_backward(data, "cross_entropy").result()
     trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     params = trainer._learner.params
-    save_file({n: p.detach().clone().contiguous() for n, p in params.items()}, out_file)
+    save_file(
+        {n: p.detach().clone().contiguous() for n, p in params.items()},
+        f"{out_dir}/{name}.safetensors",
+    )
+    sampler = trainer.save_weights_and_get_sampling_client()
+    sp = types.SamplingParams(max_tokens=6, temperature=1.0, seed=11)
+    futures = [sampler.sample(d.model_input, 2, sp) for d in data[:4]]
+    samples = [[s.tokens for s in f.result().sequences] for f in futures]
+    ran_here = []
+    squares = client.map_items(lambda x: ran_here.append(x) or x * x, list(range(6)))
+    record = {
+        "loss": out.metrics["loss:sum"],
+        "logprobs": [o["logprobs"].tolist() for o in out.loss_fn_outputs],
+        "samples": samples,
+        "squares": squares,
+        "ran_here": ran_here,
+        "counts": trainer._learner.local_counts,
+        "tokens": sum(d.model_input.length for d in data),
+    }
+    with open(f"{out_dir}/{name}.json", "w") as f:
+        json.dump(record, f)
 
 
-def worker(rank, init_file, out_dir, shares_by_rank) -> None:
+def worker(rank, init_file, out_dir, n_datums) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -61,47 +84,71 @@ def worker(rank, init_file, out_dir, shares_by_rank) -> None:
         timeout=timedelta(seconds=120),  # a hung peer fails the test instead of stalling CI
     )
     try:
-        train_once(shares_by_rank[rank], f"{out_dir}/rank{rank}.safetensors", f"{out_dir}/c{rank}")
+        train_once(n_datums, out_dir, f"rank{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def run_two_processes(tmp_path, shares_by_rank) -> list[dict]:
+def run_two_processes(tmp_path, n_datums) -> list[tuple[dict, dict]]:
     os.environ.setdefault("RLKIT_CACHE_DIR", str(tmp_path / "cache"))  # children inherit it
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path), shares_by_rank), nprocs=WORLD)
-    return [load_file(tmp_path / f"rank{r}.safetensors") for r in range(WORLD)]
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path), n_datums), nprocs=WORLD)
+    return [
+        (
+            load_file(tmp_path / f"rank{r}.safetensors"),
+            json.loads((tmp_path / f"rank{r}.json").read_text()),
+        )
+        for r in range(WORLD)
+    ]
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The same step in one process, on the whole batch."""
-    tmp = tmp_path_factory.mktemp("one")
+def one_process(tmp_path, n_datums) -> tuple[dict, dict]:
+    """The same calls in one process."""
     torch.set_num_threads(1)
-    train_once(range(4), tmp / "all.safetensors", tmp / "c")
-    return load_file(tmp / "all.safetensors")
+    train_once(n_datums, tmp_path, "all")
+    return load_file(tmp_path / "all.safetensors"), json.loads((tmp_path / "all.json").read_text())
 
 
-def test_a_process_with_no_datums_joins_the_step_and_all_match_one_process(tmp_path, one_process):
-    """Rank 0 has the whole batch, rank 1 nothing: the sum adds exact zeros, so both processes
-    take bitwise the step one process takes."""
-    ranks = run_two_processes(tmp_path, [[0, 1, 2, 3], []])
-    for params in ranks:
-        assert params.keys() == one_process.keys()
-        for name, tensor in params.items():
-            assert torch.equal(tensor, one_process[name]), name
-
-
-def test_a_split_batch_gives_every_process_the_same_step(tmp_path, one_process):
-    """Each process has half the batch: the processes end bitwise equal to each other, and equal
-    to one process up to the order of the sum (1e-6 relative on the gradients; Adam's first step
-    is about lr * sign(gradient), so a parameter differs by at most 1e-5 here)."""
-    rank0, rank1 = run_two_processes(tmp_path, [[0, 2], [1, 3]])
+def test_two_processes_split_every_call_and_match_one_process(tmp_path):
+    """4 datums: each process forwards its block (together: every token once), samples its
+    block of the requests and runs its block of the map; both get every result, bitwise equal
+    to each other, and equal to one process up to the order of the gradient sum (1e-6 relative
+    on the gradients; Adam's first step is about lr * sign(gradient), so 1e-5 here)."""
+    (p0, r0), (p1, r1) = run_two_processes(tmp_path, 4)
+    (tmp_path / "one").mkdir()
+    one_params, one = one_process(tmp_path / "one", 4)
     moved = 0
-    for name, tensor in rank0.items():
-        assert torch.equal(tensor, rank1[name]), name
-        torch.testing.assert_close(tensor, one_process[name], rtol=0, atol=1e-5)
+    for name, tensor in p0.items():
+        assert torch.equal(tensor, p1[name]), name
+        torch.testing.assert_close(tensor, one_params[name], rtol=0, atol=1e-5)
         moved += int(not torch.equal(tensor, load_initial()[name]))
     assert moved > 0, "no parameter changed: no step was taken"
+    for key in ("loss", "logprobs", "samples", "squares"):
+        assert r0[key] == r1[key], key
+    assert r0["squares"] == one["squares"] == [x * x for x in range(6)]
+    assert r0["samples"] == one["samples"]  # a request's tokens depend on its seed, not its batch
+    assert r0["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    for a, b in zip(r0["logprobs"], one["logprobs"], strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+    # The work was divided: each item once, each token forwarded once, each process sampled.
+    assert sorted(r0["ran_here"] + r1["ran_here"]) == list(range(6)) and r0["ran_here"]
+    forwarded = [r0["counts"]["forward_tokens"], r1["counts"]["forward_tokens"]]
+    assert sum(forwarded) == one["counts"]["forward_tokens"] == one["tokens"] and min(forwarded) > 0
+    sampled = [r0["counts"]["sampled_tokens"], r1["counts"]["sampled_tokens"]]
+    assert sum(sampled) == one["counts"]["sampled_tokens"] and min(sampled) > 0
+
+
+def test_a_process_with_no_datums_joins_the_step_and_all_match_one_process(tmp_path):
+    """One datum, two processes: rank 0 forwards it, rank 1 nothing; the gradient sum adds exact
+    zeros, so both processes take bitwise the step one process takes."""
+    (p0, r0), (p1, r1) = run_two_processes(tmp_path, 1)
+    (tmp_path / "one").mkdir()
+    one_params, one = one_process(tmp_path / "one", 1)
+    assert r1["counts"]["forward_tokens"] == 0 and r0["counts"]["forward_tokens"] == one["tokens"]
+    for params in (p0, p1):
+        assert params.keys() == one_params.keys()
+        for name, tensor in params.items():
+            assert torch.equal(tensor, one_params[name]), name
+    assert r0["loss"] == r1["loss"] == one["loss"]
 
 
 _INITIAL: dict = {}

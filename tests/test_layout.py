@@ -32,6 +32,54 @@ def test_the_hosted_sdk_names_resolve_on_first_use():
         rlkit.Nope  # noqa: B018
 
 
+def test_the_client_passes_on_no_backend_names():
+    """The seam contract forbids importing rlkit.backend above the client; re-exporting its
+    classes through the client would be a hole in it. Everything the client exports is defined
+    there or is an rlkit.api type, and code above the client imports nothing else from it
+    (`rlkit.client.NAME` and `from rlkit.client import NAME` alike)."""
+    import ast
+    from pathlib import Path
+
+    from rlkit import client
+
+    for name in client.__all__:
+        home = getattr(client, name).__module__
+        assert home == "rlkit.client" or home.startswith("rlkit.api"), (name, home)
+    root = Path(client.__file__).parent
+    used = []
+    for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).parts[0] in ("backend", "api", "client.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "rlkit.client":
+                used += [(path.name, a.name) for a in node.names]
+            elif isinstance(node, ast.Attribute) and isinstance(
+                node.value, ast.Name | ast.Attribute
+            ):
+                owner = ast.unparse(node.value)
+                if owner in ("client", "rlkit.client"):
+                    used.append((path.name, node.attr))
+    outside = [(f, n) for f, n in used if n not in client.__all__]
+    assert used and not outside, outside
+
+
+def test_the_algorithm_half_names_no_process():
+    """The client owns parallelism: rlkit/rl has no rank, shard, gather or collective."""
+    import re
+    from pathlib import Path
+
+    import rlkit.rl
+
+    pattern = re.compile(r"rank|world_size|procs|processes|gather|all_reduce|shard")
+    hits = [
+        f"{path}:{i}: {line.strip()}"
+        for path in sorted(Path(rlkit.rl.__file__).parent.rglob("*.py"))
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not hits, "\n".join(hits)
+
+
 @pytest.mark.parametrize("path", sorted((CONF_DIR / "engine").glob("*.yaml")), ids=lambda p: p.stem)
 def test_each_engine_yaml_sets_exactly_its_options(path):
     node = OmegaConf.load(path)

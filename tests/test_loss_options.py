@@ -10,7 +10,6 @@ from omegaconf import OmegaConf
 
 from rlkit.api import losses, types
 from rlkit.api.errors import InvalidDatumError
-from rlkit.client import Processes
 from rlkit.rl.rollouts import Episode, Group, group_datums
 from rlkit.rl.shaping import overlong_penalty
 from rlkit.rl.update import aggregate, policy_update
@@ -216,7 +215,7 @@ def test_kl_in_the_loss_without_reference_logprobs_is_named(trainer):
     ],
 )
 def test_aggregation_weights(mode, expected):
-    out = aggregate([datum(2, 3), datum(2, 5)], mode, max_tokens=10, procs=Processes())
+    out = aggregate([datum(2, 3), datum(2, 5)], mode, max_tokens=10)
     for d, want in zip(out, expected, strict=True):
         w = d.loss_fn_inputs["weights"].to_torch()
         assert w[0] == 0  # the prompt stays out

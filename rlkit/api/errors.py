@@ -22,3 +22,8 @@ class UnknownLossError(RlkitError, KeyError):
 
 class NoGradientsError(RlkitError, RuntimeError):
     """optim_step was called with no forward_backward since the last step."""
+
+
+class PeerLostError(RlkitError):
+    """A step shared between processes failed: another process died, hung past the timeout,
+    or left early."""

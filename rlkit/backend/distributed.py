@@ -1,11 +1,16 @@
-"""Data parallelism across processes, the part that lives in the machine half.
+"""Data parallelism across processes: all of it lives here, in the machine half.
 
 Processes are started by a launcher (`accelerate launch`, torchrun) and joined here through
 torch.distributed, from the environment the launcher sets (RANK, WORLD_SIZE, MASTER_ADDR, ...);
-rlkit starts no process itself. `join()` makes the group once per process; `Processes` is what
-the layers above use: this process's rank, its share of a list, and the few collectives a run
-needs (gather to the main process, broadcast from it, sums). The learner sums the adapter's
-gradients over the group before each optimizer step, so every process takes the identical step.
+rlkit starts no process itself. `join()` makes the group once per process (and leaves it when
+the process exits).
+
+The model is global-view SPMD: every process runs the same program on the same full batch, and
+the learner splits each call's work. `split` cuts a list into one contiguous block per process
+(balanced by a cost per item, the same cut in every process); each process works on its block and
+`all_gather` puts the results back together, in order, on every process. The learner sums the
+adapter's gradients over the group before each optimizer step, so every process takes the
+identical step. `map_items` does the same for plain Python work (rewards, env steps, grading).
 
 In one process (no launcher), `join()` makes no group and every method here is a local no-op,
 so a single-process run computes exactly what it always did.
@@ -17,8 +22,11 @@ time out after `timeout_s`; either way a `PeerLostError` names this rank and the
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import pickle
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rlkit.api.errors import RlkitError
+from rlkit.api.errors import PeerLostError
 
 # Environment variables of the launcher recorded in the manifest (what decides the layout).
 LAUNCHER_ENV = (
@@ -42,10 +50,6 @@ LAUNCHER_ENV = (
     "ACCELERATE_MIXED_PRECISION",
     "ACCELERATE_USE_CPU",
 )
-
-
-class PeerLostError(RlkitError):
-    """A collective failed: another process died, hung past the timeout, or left early."""
 
 
 @dataclass
@@ -69,18 +73,40 @@ class Processes:
     def backend(self) -> str | None:
         return dist.get_backend(self.group) if self.group is not None else None
 
-    def shard(self, n: int) -> list[int]:
-        """This process's indices of `n` items: rank, rank + N, ... (interleaved, so shares
-        differ by at most one item whatever n is)."""
-        return list(range(self.rank, n, self.world_size))
+    def split(self, costs: Sequence[float]) -> tuple[int, int]:
+        """This process's block `[start, stop)` of items with these costs: contiguous blocks,
+        one per process in rank order, cut where the running cost best passes k/N of the total
+        (equal counts when every cost is equal). Neighbours stay together: the completions of
+        one prompt share its prefix pass in the learner."""
+        n, world = len(costs), self.world_size
+        if world == 1:
+            return 0, n
+        total = float(sum(costs))
+        cuts, running, i = [0], 0.0, 0
+        for k in range(1, world):
+            target = total * k / world
+            while i < n and running + costs[i] / 2 <= target:
+                running += costs[i]
+                i += 1
+            cuts.append(max(i, cuts[-1]))
+        cuts.append(n)
+        return cuts[self.rank], cuts[self.rank + 1]
 
-    def gather(self, obj: Any, what: str = "gather") -> list[Any] | None:
-        """Every process's `obj`, in rank order, on the main process; None on the others."""
+    def all_gather(self, obj: Any, what: str = "gather") -> list[Any]:
+        """Every process's `obj`, in rank order, on every process."""
         if self.group is None:
             return [obj]
-        out = [None] * self.world_size if self.is_main else None
-        self._run(what, dist.gather_object, obj, out, dst=0, group=self.group)
+        out: list[Any] = [None] * self.world_size
+        self._run(what, dist.all_gather_object, out, obj, group=self.group)
         return out
+
+    def map_items(self, fn: Callable[[Any], Any], items: Sequence, what: str) -> list[Any]:
+        """`[fn(x) for x in items]` on every process, each item computed by one process only.
+        An exception in `fn` is raised where it happened; the others then fail in the gather,
+        naming the operation (PeerLostError)."""
+        start, stop = self.split([1.0] * len(items))
+        mine = [fn(x) for x in items[start:stop]]
+        return [r for block in self.all_gather(mine, what) for r in block]
 
     def broadcast(self, obj: Any = None, what: str = "broadcast") -> Any:
         """The main process's `obj`, on every process."""
@@ -143,17 +169,29 @@ def join(timeout_s: float | None = None) -> Processes:
     a later call with a timeout makes the run's group with it. One process: rank 0 of 1."""
     global _CURRENT
     if not launched():
-        return _CURRENT
+        return current()  # one process, or a group the caller made itself
     timeout = timedelta(seconds=timeout_s) if timeout_s else None
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+        atexit.register(leave)
         _CURRENT = replace(current(), timeout_s=timeout_s)
     elif timeout is not None:
         _CURRENT = replace(current(), group=dist.new_group(timeout=timeout), timeout_s=timeout_s)
     return _CURRENT
+
+
+def leave() -> None:
+    """Destroy the group this module made, at exit: a gloo group left to the interpreter's
+    teardown can abort the process after its work is done (`terminate called without an active
+    exception`), which the launcher reports as a failed rank."""
+    global _CURRENT
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # exiting anyway; a dead peer must not stop it
+            dist.destroy_process_group()
+    _CURRENT = Processes()
 
 
 def current() -> Processes:
@@ -214,13 +252,3 @@ def launcher_info() -> dict[str, Any]:
         "timeout_s": _CURRENT.timeout_s,
         "launcher_env": {k: os.environ.get(k) for k in LAUNCHER_ENV},
     }
-
-
-# The learner's hooks (one process: no-ops).
-def sum_count(n: int) -> int:
-    """`n` summed over the processes (each process passes its own)."""
-    return int(current().sum(n, "datum count"))
-
-
-def sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    current().sum_gradients(params)

@@ -2,6 +2,11 @@
 
 All methods here are synchronous; the client serializes calls to them, and nothing in this file
 is thread-safe on its own.
+
+Under a launcher every process holds a Learner and makes the same calls with the same data
+(global-view SPMD, see distributed.py): `forward`, `reference_logprobs` and `sample` each work
+on this process's block of the data and return everyone's results; `optim_step` sums the
+gradients over the processes first. In one process the blocks are the whole data.
 """
 
 from __future__ import annotations
@@ -59,8 +64,11 @@ class Learner:
         engine: EngineSettings | None = None,
         quant: QuantSpec | None = None,
         share_prefix: bool = True,
+        processes: distributed.Processes | None = None,
     ) -> None:
         self.base_model = base_model
+        # The processes sharing this learner's calls (one: rank 0 of 1).
+        self.processes = processes or distributed.Processes()
         # Rows with a common beginning share its forward pass (prefixes.py): same results up to
         # float rounding, so a switch of its own (recorded with the run).
         self.share_prefix = share_prefix
@@ -90,6 +98,9 @@ class Learner:
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=0.0)
         self.step = 0
         self.pending_datums = 0  # datums whose gradients wait for the next optim_step
+        # The work this process did itself: tokens it ran forward (for training or a reference)
+        # and tokens it sampled. With several processes, each one's share of the calls.
+        self.local_counts = {"forward_tokens": 0, "sampled_tokens": 0}
         self.probe_tolerance = self.engine.probe_tolerance or (
             1e-3 if dtype == torch.float32 else 5e-2
         )
@@ -129,18 +140,20 @@ class Learner:
         seqs = to_rows(
             plain, LossSpec(fn=None, inputs=()), "reference", self.vocab_size, None, self.context
         )
+        start, stop = self.processes.split([s.length for s in seqs])
+        seqs = seqs[start:stop]
         training = self.model.training
         self.model.eval()
         out: list[TensorData] = [None] * len(seqs)  # type: ignore[list-item]
         try:
             with self._as_reference():
-                for group in microbatches(seqs, self.tokens_per_microbatch):
+                for group in microbatches(seqs, self.tokens_per_microbatch) if seqs else []:
                     lps = self._logprobs([seqs[i] for i in group])
                     for i, lp in zip(group, lps, strict=True):
                         out[i] = TensorData.from_torch(lp.float().cpu())
         finally:
             self.model.train(training)
-        return out
+        return [o for block in self.processes.all_gather(out, "reference logprobs") for o in block]
 
     @torch.no_grad()
     def set_reference(self, path: Path | None) -> None:
@@ -178,13 +191,21 @@ class Learner:
             p.copy_(weights[name])
 
     def forward(self, datums, loss_fn: str, loss_fn_config: dict | None, backward: bool):
+        """The loss of every datum (and its gradients, with `backward`), each process working
+        on its block of the datums (every datum is checked by every process, so a bad one is
+        the same error everywhere); the outputs are everyone's, in order, the loss their sum."""
         spec = get_loss(loss_fn)
         config = spec.resolve_config(loss_fn, loss_fn_config)
         seqs = to_rows(datums, spec, loss_fn, self.vocab_size, config, self.context)
+        if backward:
+            self.pending_datums += len(seqs)
+        start, stop = self.processes.split([s.length for s in seqs])
+        seqs = seqs[start:stop]
+        self.local_counts["forward_tokens"] += sum(s.length for s in seqs)
         outputs: list[dict[str, TensorData]] = [{} for _ in seqs]
         total = 0.0
         self.model.train(backward)
-        for group in microbatches(seqs, self.tokens_per_microbatch):
+        for group in microbatches(seqs, self.tokens_per_microbatch) if seqs else []:
             with torch.set_grad_enabled(backward):
                 entropy = [] if spec.needs_entropy(config) else None
                 logprobs = self._logprobs([seqs[i] for i in group], entropy)
@@ -203,21 +224,24 @@ class Learner:
             if backward:
                 loss.backward()
             total += float(loss.detach())
-        if backward:
-            self.pending_datums += len(seqs)
+        if self.processes.world_size > 1:
+            blocks = self.processes.all_gather((outputs, total), "forward results")
+            outputs = [o for block, _ in blocks for o in block]
+            total = blocks[0][1]
+            for _, other in blocks[1:]:
+                total += other
         return ForwardBackwardOutput(
             loss_fn_output_type=loss_fn, loss_fn_outputs=outputs, metrics={"loss:sum": total}
         )
 
     def optim_step(self, adam: AdamParams) -> OptimStepResponse:
-        # In a group of processes, each process's datums are its share of one batch: the step
-        # uses the gradients summed over all of them (see distributed.py).
-        if distributed.sum_count(self.pending_datums) == 0:
+        if self.pending_datums == 0:  # the whole batch's count: the same in every process
             raise NoGradientsError(
                 "optim_step called with no gradients accumulated: call forward_backward first"
             )
         params = list(self.params.values())
-        distributed.sum_gradients(params)
+        # Each process's gradients are those of its block: the step uses their sum.
+        self.processes.sum_gradients(params)
         max_norm = adam.grad_clip_norm if adam.grad_clip_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not torch.isfinite(torch.tensor(grad_norm)):
@@ -288,12 +312,18 @@ class Learner:
         return max_tokens
 
     def sample(self, batch: list[tuple[int, Snapshot, Request]]) -> list[list[SampledSequence]]:
-        """Serve queued requests, in order, one engine call per run of the same snapshot."""
+        """Serve queued requests, in order, one engine call per run of the same snapshot; each
+        process serves its block of the requests (a request's completions depend on its seed,
+        not on the batch it is served in) and gets everyone's results."""
+        start, stop = self.processes.split(
+            [r.num_samples * (len(r.prompt) + r.max_tokens) for _, _, r in batch]
+        )
         results: list[list[SampledSequence]] = []
-        for (key, snapshot), run in itertools.groupby(batch, key=lambda item: item[:2]):
+        for (key, snapshot), run in itertools.groupby(batch[start:stop], key=lambda item: item[:2]):
             self.sync(key, snapshot)
             results += self._engine().sample([request for _, _, request in run])
-        return results
+        self.local_counts["sampled_tokens"] += sum(len(s.tokens) for r in results for s in r)
+        return [r for block in self.processes.all_gather(results, "sampled results") for r in block]
 
     def prompt_logprobs(self, key: int, snapshot: Snapshot, prompt: list[int]):
         if len(prompt) < 2:

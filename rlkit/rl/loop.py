@@ -19,11 +19,10 @@ Runs are bitwise reproducible and resumable (`resume=auto`): randomness derives 
 ...) (`rlkit.run.seeds`), and `Session` writes atomic checkpoints every few steps
 (`rlkit.run.checkpoint`). The environment, not the loop, decides whether a completion is correct.
 
-Data parallelism: under a launcher (`accelerate launch --num_processes N -m rlkit ...`) each of the
-N processes samples, scores and trains on its share of the step's groups; the optimizer step
-sums the gradients over the processes, so all take the same step, and the main process logs
-the step from everyone's shares. The batch (`groups_per_step` x `group_size`) does not depend
-on N.
+The same code runs under a launcher (`accelerate launch ... -m rlkit`, README "Data
+parallelism"): the client divides each call's work (sampling, forward/backward, and through
+`map_items` rewards and env steps) and gives the whole result back, and the session writes the
+outputs once. The batch (`groups_per_step` x `group_size`) is the same whatever the launcher.
 """
 
 from __future__ import annotations
@@ -41,10 +40,8 @@ from rlkit.rl.envs.base import check_env, draw
 from rlkit.rl.rewards.base import WeightedReward
 from rlkit.rl.rollouts import (
     Limits,
-    Share,
     evaluate,
     group_datums,
-    merge,
     mismatch_metrics,
     rollout_metrics,
     sample_groups,
@@ -54,9 +51,9 @@ from rlkit.rl.rollouts import (
 from rlkit.rl.shaping import attach_reference, shape_rewards
 from rlkit.rl.update import policy_update
 from rlkit.run import seeds
-from rlkit.run.checkpoint import stop_on_signals, take
+from rlkit.run.checkpoint import stop_on_signals
 from rlkit.run.config import adam_params, as_callable, loss_fn_config
-from rlkit.run.outputs import progress_bar, timed
+from rlkit.run.outputs import timed
 from rlkit.run.session import Session
 
 # Training metrics of a step; null on a step where every group was skipped (nothing trained).
@@ -86,7 +83,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         trainer, tokenizer = run.trainer, run.trainer.get_tokenizer()
         # Episodes end where the model's context is full; users' code runs under a time limit.
         limits = Limits(trainer.get_info().max_context_length, cfg.plugin_timeout_s)
-        procs = run.processes  # this process's rank among N (N = 1 without a launcher)
         if cfg.warmup.steps and (not run.resumed.path or run.resumed.warmup):
             warm_start(run, env)  # leaves its adapter in checkpoints/warm_start
             if run.stopped:
@@ -97,26 +93,24 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         for step in run.steps():  # checkpoints when due; ends early on Ctrl-C / SIGTERM
             metrics = {"step": step}
             if step % cfg.eval_every == 0:
-                metrics |= run_eval(cfg, sampler, env, tokenizer, params, procs, limits, step)
+                metrics |= run_eval(cfg, sampler, env, tokenizer, params, limits, step)
 
             # Problems and sampling seeds are functions of (seed, step): a resumed run draws the
-            # same, whatever its number of processes. Each process takes whole groups (rank,
-            # rank + N, ...), so advantages stay within a group.
+            # same.
             with timed(metrics, "time/sample"):
                 rng = seeds.rng(cfg.seed, "problems", step)
                 problems_P = draw(env, rng, cfg.groups_per_step, step)
                 seeds_P = [
                     seeds.derive_seed(cfg.seed, "rollout", step, i) for i in range(len(problems_P))
                 ]
-                mine = procs.shard(len(problems_P))
                 groups = sample_groups(
                     sampler,
                     tokenizer,
                     env,
-                    [problems_P[i] for i in mine],
+                    problems_P,
                     cfg.group_size,
                     params,
-                    [seeds_P[i] for i in mine],
+                    seeds_P,
                     cfg.on_env_error,
                     limits,
                 )
@@ -125,7 +119,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 if cfg.kl.coef:  # the reference's logprobs: one forward pass
                     attach_reference(trainer, groups, str(cfg.kl.estimator))
                 scores = score_groups(
-                    groups, rewards, cfg.on_reward_error, step, procs, cfg.plugin_timeout_s
+                    groups, rewards, cfg.on_reward_error, step, cfg.plugin_timeout_s
                 )
                 shape_rewards(cfg, env, groups, scores)  # KL in the reward, overlong penalty
                 datums_D, skipped = [], 0
@@ -139,14 +133,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                     datums_D += group_datums(
                         group, advantage_fn(rewards_G), cfg.overlong.mode == "mask"
                     )
-            share = Share(mine, groups, scores, skipped)
 
             metrics |= dict.fromkeys(TRAIN_KEYS)
+            update = None
             with timed(metrics, "time/train"):
-                # The optimizer steps when any process has datums; its gradients are their sum.
-                if procs.sum(len(datums_D), "datum count"):
+                if datums_D:
                     lr = learning_rate(cfg, step)
-                    # A process without datums joins each optimizer step with zero gradients.
                     update = policy_update(
                         trainer,
                         datums_D,
@@ -159,9 +151,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                         max_tokens=cfg.max_tokens * env.max_turns,
                         seed=cfg.seed,
                         step=step,
-                        procs=procs,
                     )
-                    share.loss, share.gaps = update.loss, update.gaps
                     metrics["train/grad_norm"] = update.grad_norm
                     metrics["train/lr"] = lr
 
@@ -169,31 +159,24 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 sampler = trainer.save_weights_and_get_sampling_client()
             metrics["sync/probe_mismatch"] = sampler.sync_metrics.get("sync/probe_mismatch")
 
-            # The main process merges every process's share and logs the step (the others' log
-            # and write_samples do nothing).
-            shares = procs.gather(share, "step results")
-            if shares is not None:
-                step_all = merge(shares)
-                metrics |= rollout_metrics(
-                    step_all.groups, step_all.scores, env, cfg.plugin_timeout_s
-                )
-                metrics["train/frac_skipped_groups"] = step_all.skipped / len(problems_P)
-                if step_all.gaps is not None:
-                    metrics["train/loss"] = step_all.loss
-                    metrics |= mismatch_metrics(step_all.gaps, loss_config.get("tis_cap", 0.0))
-                metrics["time/step"] = sum(metrics[f"time/{k}"] for k in PHASES)
-                if step % cfg.samples_every == 0:
-                    run.write_samples(sample_records(step, step_all.groups))
-                run.log(metrics)
+            metrics |= rollout_metrics(groups, scores, env, cfg.plugin_timeout_s)
+            metrics["train/frac_skipped_groups"] = skipped / len(problems_P)
+            if update is not None:
+                metrics["train/loss"] = update.loss
+                metrics |= mismatch_metrics(update.gaps, loss_config.get("tis_cap", 0.0))
+            metrics["time/step"] = sum(metrics[f"time/{k}"] for k in PHASES)
+            if step % cfg.samples_every == 0:
+                run.write_samples(sample_records(step, groups))
+            run.log(metrics)
 
         if run.stopped:
             raise SystemExit(0)  # the checkpoint is written and the resume command printed
-        final = run_eval(cfg, sampler, env, tokenizer, params, procs, limits)
+        final = run_eval(cfg, sampler, env, tokenizer, params, limits)
         run.log({"step": cfg.steps, **final})
         return run.finish()
 
 
-def run_eval(cfg, sampler, env, tokenizer, params, procs, limits, step: int | None = None):
+def run_eval(cfg, sampler, env, tokenizer, params, limits, step: int | None = None):
     """The held-out eval at `eval_temperature`, `eval_samples` episodes per problem; sampling
     seeds are functions of (seed, step, problem), like the rollouts'."""
     step = cfg.steps if step is None else step
@@ -203,7 +186,6 @@ def run_eval(cfg, sampler, env, tokenizer, params, procs, limits, step: int | No
         env,
         tokenizer,
         replace(params, temperature=cfg.eval_temperature),
-        procs,
         cfg.eval_samples,
         [seeds.derive_seed(cfg.seed, "eval", step, i) for i in range(n)],
         cfg.on_env_error,
@@ -231,7 +213,7 @@ def warm_start(run: Session, env) -> None:
     if run.resumed.warmup:  # stopped during the warm start: go on from there
         start = run.resumed.warmup["done"]
         rng.setstate(seeds.rng_state(run.resumed.warmup["rng"]))
-    with progress_bar(show=run.processes.is_main) as bar:
+    with run.progress() as bar:
         task = bar.add_task("warm start (SFT)", total=cfg.warmup.steps, status="")
         bar.update(task, completed=start)
 
@@ -246,7 +228,6 @@ def warm_start(run: Session, env) -> None:
             cfg.warmup.batch_size,
             adam,
             on_step,
-            run.processes,
             start,
             run.checkpoints.stop_in_warmup,  # Ctrl-C / SIGTERM: a checkpoint, then stop
         )
@@ -255,10 +236,7 @@ def warm_start(run: Session, env) -> None:
     run.metrics_out.write(
         {"step": -1, "sft/final_loss": losses[-1], "time/warmup": time.time() - t0}
     )
-    if run.processes.is_main:
-        saved = run.trainer.save_weights_for_sampler(WARM_START).result().path
-        take(saved, warm_start_path(run), run.checkpoints.dir)
-    run.processes.sum(0, "warm start saved")  # the others read it for the KL reference
+    run.keep_adapter(WARM_START, warm_start_path(run))  # the KL reference may read it
 
 
 WARM_START = "warm_start"

@@ -1,9 +1,8 @@
 """The pieces of one RL step, each one call from the loop: sample groups, score them, turn a
 group and its advantages into datums, and the metrics a step reports.
 
-With several processes, each one holds a `Share` of the step (its groups, their scores, its
-datums' logprob gaps); the main process merges them back into the order one process would have,
-so the metrics are computed exactly as in a single-process run.
+Users' code (rewards, env steps, grading) runs through the client's `map_items`: once per
+episode or group in all, however the client divides the work.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import torch
 from rich.markup import escape
 
 from rlkit.api import losses, types
-from rlkit.client import Processes
+from rlkit.client import map_items
 from rlkit.rl.chat import observation_tokens
 from rlkit.rl.envs.base import Env, EnvError, Grade, Problem, env_name
 from rlkit.rl.limits import TimeLimitExceeded, time_limit
@@ -72,6 +71,27 @@ class Episode:
         self.logprobs += [0.0] * len(tokens)
         self.model_mask += [False] * len(tokens)
         self.text += observation
+
+    def apply(self, outcome: Outcome) -> bool:
+        """The environment's step (`_observe`'s outcome); True when the episode goes on."""
+        if outcome.error is not None:
+            self.error = outcome.error
+        self.truncated |= outcome.truncated
+        if outcome.tokens is None:
+            return False
+        self.observe(outcome.text, outcome.tokens)
+        return True
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an environment step did to an episode: an observation to append (its text and
+    tokens), or none: the episode ends (with an error, or truncated by the context)."""
+
+    text: str = ""
+    tokens: list[int] | None = None
+    error: str | None = None
+    truncated: bool = False
 
 
 @dataclass
@@ -135,10 +155,17 @@ def sample_groups(
             episode.act(sequence, tokenizer)
     live = [(i, j) for i in range(len(groups)) for j in range(group_size)]
     for turn in range(2, env.max_turns + 1):
+        outcomes = map_items(
+            lambda ij: _observe(
+                env, groups[ij[0]], groups[ij[0]].episodes[ij[1]], tokenizer, on_env_error, limits
+            ),
+            live,
+            "env steps",
+        )
         live = [
             (i, j)
-            for i, j in live
-            if _observe(env, groups[i], groups[i].episodes[j], tokenizer, on_env_error, limits)
+            for (i, j), outcome in zip(live, outcomes, strict=True)
+            if groups[i].episodes[j].apply(outcome)
         ]
         if not live:
             break
@@ -179,8 +206,9 @@ def _describe(problem: Problem) -> str:
 
 def _observe(
     env: Env, group: Group, episode: Episode, tokenizer, on_env_error: str, limits: Limits
-) -> bool:
-    """The environment's answer to the episode's last turn; False when the episode is over."""
+) -> Outcome:
+    """The environment's answer to the episode's last turn (the episode is not changed here:
+    `Episode.apply` does that, in every process)."""
     problem, context = group.problem, limits.context
     where = f"(problem {_describe(problem)}, turn {episode.turns})"
     try:
@@ -194,7 +222,7 @@ def _observe(
                 f"env {env_name(env)}.step raised {type(exc).__name__}: {exc} {where}"
             ) from exc
         if observation is None:
-            return False
+            return Outcome()
         text, tokens = observation_tokens(env, observation, tokenizer, episode.last_turn, where)
         if context is not None and len(group.prompt) + len(tokens) >= context:
             raise EnvError(
@@ -205,13 +233,10 @@ def _observe(
     except EnvError as exc:
         if on_env_error == "raise":
             raise EnvError(f"{exc}; on_env_error=skip skips the episode's group") from exc
-        episode.error = str(exc)
-        return False
+        return Outcome(error=str(exc))
     if context is not None and len(group.prompt) + len(episode.tokens) + len(tokens) >= context:
-        episode.truncated = True  # the context is full: the episode ends here
-        return False
-    episode.observe(text, tokens)
-    return True
+        return Outcome(truncated=True)  # the context is full: the episode ends here
+    return Outcome(text, list(tokens))
 
 
 def score_groups(
@@ -219,45 +244,40 @@ def score_groups(
     rewards: list[WeightedReward],
     on_error: str,
     step: int = 0,
-    processes: Processes | None = None,
     timeout_s: float = 0.0,
 ) -> list[GroupScores | None]:
-    """Each group's rewards. A reward that fails (raises, returns something else than one real
-    number per completion, or runs past `timeout_s`) raises (on_error=raise), or its group is
-    None (skip), with a warning for the step; so is a group where the environment failed
-    (on_env_error=skip). A step where every group failed (in every process) raises anyway: a
-    run that trains on nothing must not look like one that trains."""
-    processes = processes or Processes()
-    scores_P, errors = [], []
-    for group in groups_P:
+    """Each group's rewards (each group scored once, see `map_items`). A reward that fails
+    (raises, returns something else than one real number per completion, or runs past
+    `timeout_s`) raises (on_error=raise), or its group is None (skip), with a warning for the
+    step; so is a group where the environment failed (on_env_error=skip). A step where every
+    group failed raises anyway: a run that trains on nothing must not look like one that
+    trains."""
+
+    def score(group: Group) -> GroupScores | str:
         env_error = next((e.error for e in group.episodes if e.error), None)
         if env_error:
-            scores_P.append(None)
-            errors.append(env_error)
-            continue
+            return env_error
         try:
-            scores_P.append(score_group(rewards, group.completions, group.problem, timeout_s))
+            return score_group(rewards, group.completions, group.problem, timeout_s)
         except RewardError as exc:
             if on_error == "raise":
                 raise
-            scores_P.append(None)
-            errors.append(str(exc))
-    # every process gets here: count the failures everywhere
-    failed = processes.sum(len(errors), "failed group count")
-    if failed and failed == processes.sum(len(groups_P), "group count"):
-        first = errors[0] if errors else "in another process"
+            return str(exc)
+
+    results = map_items(score, groups_P, "rewards")
+    errors = [r for r in results if isinstance(r, str)]
+    if errors and len(errors) == len(groups_P):
         raise RewardError(
-            f"RL step {step}: every group failed (first: {first}); on_reward_error=skip and "
+            f"RL step {step}: every group failed (first: {errors[0]}); on_reward_error=skip and "
             "on_env_error=skip skip failing groups, but none is left to train on"
         )
     if errors:
-        where = f" (rank {processes.rank})" if processes.world_size > 1 else ""
         console.print(
-            f"[yellow]warning: RL step {step}{where}: skipped {len(errors)} of {len(groups_P)} "
+            f"[yellow]warning: RL step {step}: skipped {len(errors)} of {len(groups_P)} "
             f"groups whose reward or environment failed (first: {escape(errors[0])})",
             soft_wrap=True,
         )
-    return scores_P
+    return [None if isinstance(r, str) else r for r in results]
 
 
 def group_datums(
@@ -307,10 +327,11 @@ def rollout_metrics(
     model_logprobs = [
         lp for _, e in episodes for lp, m in zip(e.logprobs, e.model_mask, strict=True) if m
     ]
+    judged = map_items(lambda pe: judge(env, pe[0], pe[1].text, timeout_s), graded, "grading")
     metrics = {
         "reward/mean": mean(v for s in scored for v in s.total),
         **{f"reward/{name}": mean(values) for name, values in components.items()},
-        "train/accuracy": mean(grade(env, p, e.text, timeout_s).correct for p, e in graded),
+        "train/accuracy": mean(g.correct for g, _ in judged),
         "train/completion_tokens": mean(sum(e.model_mask) for _, e in episodes),
         # Monte Carlo estimate of the sampler's per-token entropy: mean of -log p(sampled token).
         "train/entropy": -mean(model_logprobs),
@@ -324,7 +345,7 @@ def rollout_metrics(
         metrics["train/kl_ref"] = sum(e.kl_ref for _, e in episodes) / max(
             sum(sum(e.model_mask) for _, e in episodes), 1
         )
-    return metrics | env_metrics(env, graded, "env", timeout_s)
+    return metrics | average([m for _, m in judged], "env")
 
 
 def grade(env: Env, problem: Problem, transcript: str, timeout_s: float = 0.0) -> Grade:
@@ -342,24 +363,41 @@ def grade(env: Env, problem: Problem, transcript: str, timeout_s: float = 0.0) -
     return result
 
 
-def env_metrics(env: Env, episodes, prefix: str, timeout_s: float = 0.0) -> dict[str, float]:
-    """The env's metrics of each (problem, episode), averaged, as `PREFIX/NAME`."""
+def judge(
+    env: Env, problem: Problem, transcript: str, timeout_s: float = 0.0
+) -> tuple[Grade, dict[str, float]]:
+    """The transcript's grade and the env's own metrics of it."""
+    return grade(env, problem, transcript, timeout_s), episode_metrics(
+        env, problem, transcript, timeout_s
+    )
+
+
+def episode_metrics(
+    env: Env, problem: Problem, transcript: str, timeout_s: float = 0.0
+) -> dict[str, float]:
+    """`env.metrics`, bounded by `timeout_s` and checked: an EnvError naming the env otherwise."""
+    try:
+        with time_limit(timeout_s, f"env {env_name(env)}.metrics"):
+            found = env.metrics(problem, transcript)
+    except TimeLimitExceeded as exc:
+        raise EnvError(f"{exc} (problem {_describe(problem)})") from None
+    if not isinstance(found, Mapping) or not all(
+        isinstance(v, numbers.Real) for v in found.values()
+    ):
+        raise EnvError(
+            f"env {env_name(env)}.metrics returned {type(found).__name__} {found!r:.60}; it "
+            "must return a dict of names to numbers"
+        )
+    return {name: float(value) for name, value in found.items()}
+
+
+def average(episodes: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    """The episodes' env metrics, each averaged over the episodes that have it, as
+    `PREFIX/NAME`."""
     values: dict[str, list[float]] = {}
-    for problem, episode in episodes:
-        try:
-            with time_limit(timeout_s, f"env {env_name(env)}.metrics"):
-                found = env.metrics(problem, episode.text)
-        except TimeLimitExceeded as exc:
-            raise EnvError(f"{exc} (problem {_describe(problem)})") from None
-        if not isinstance(found, Mapping) or not all(
-            isinstance(v, numbers.Real) for v in found.values()
-        ):
-            raise EnvError(
-                f"env {env_name(env)}.metrics returned {type(found).__name__} {found!r:.60}; it "
-                "must return a dict of names to numbers"
-            )
+    for found in episodes:
         for name, value in found.items():
-            values.setdefault(f"{prefix}/{name}", []).append(float(value))
+            values.setdefault(f"{prefix}/{name}", []).append(value)
     return {name: mean(v) for name, v in sorted(values.items())}
 
 
@@ -387,45 +425,11 @@ def mismatch_metrics(gaps: torch.Tensor, tis_cap: float = 0.0) -> dict[str, floa
     }
 
 
-@dataclass
-class Share:
-    """One process's part of an RL step: which of the step's groups it had (their indices),
-    the groups, their scores, how many it skipped, and its trained tokens' logprob gaps."""
-
-    indices: list[int]
-    groups: list[Group]
-    scores: list[GroupScores | None]
-    skipped: int = 0
-    gaps: torch.Tensor | None = None
-    # The loss of its first optimizer step's datums; None when it had none to train on (a
-    # process without groups, or whose groups were all skipped, while another trained).
-    loss: float | None = None
-
-
-def merge(shares: list[Share]) -> Share:
-    """The processes' shares as one, groups in the step's order (as one process has them)."""
-    order = sorted(
-        (i, group, scores)
-        for share in shares
-        for i, group, scores in zip(share.indices, share.groups, share.scores, strict=True)
-    )
-    gaps = [s.gaps for s in shares if s.gaps is not None]
-    return Share(
-        indices=[i for i, _, _ in order],
-        groups=[g for _, g, _ in order],
-        scores=[sc for _, _, sc in order],
-        skipped=sum(s.skipped for s in shares),
-        gaps=torch.cat(gaps) if gaps else None,
-        loss=sum(s.loss for s in shares if s.loss is not None),
-    )
-
-
 def evaluate(
     sampler,
     env: Env,
     tokenizer,
     params: types.SamplingParams,
-    processes: Processes | None = None,
     samples: int = 1,
     seeds_P: list[int] | None = None,
     on_env_error: str = "raise",
@@ -435,38 +439,25 @@ def evaluate(
     `params.temperature` (the run's `eval_temperature`): `samples` episodes per problem, and
     `eval/pass@K` (a problem counts when any of its K is correct) when K > 1. Split by kind when
     the env tags its problems (`info["tag"]`), plus the env's own episode metrics. An episode
-    whose environment failed (on_env_error=skip) counts as wrong (`eval/env_errors`).
-    With several processes each grades its share; the main process gets the metrics, the
-    others an empty dict."""
-    processes = processes or Processes()
+    whose environment failed (on_env_error=skip) counts as wrong (`eval/env_errors`)."""
     problems = env.eval_problems()
-    mine = processes.shard(len(problems))
     groups = sample_groups(
-        sampler,
-        tokenizer,
-        env,
-        [problems[i] for i in mine],
-        samples,
-        params,
-        None if seeds_P is None else [seeds_P[i] for i in mine],
-        on_env_error,
-        limits,
+        sampler, tokenizer, env, problems, samples, params, seeds_P, on_env_error, limits
     )
     timeout_s = (limits or Limits()).timeout_s
-    graded = [
+    judged = map_items(
+        lambda pe: _judge_eval(env, pe[0], pe[1], timeout_s, on_env_error),
+        [(g.problem, e) for g in groups for e in g.episodes],
+        "eval grading",
+    )
+    results = [
         (
             i,
-            [_grade(env, g.problem, e, timeout_s, on_env_error) for e in g.episodes],
+            [grade for grade, _ in judged[i * samples : (i + 1) * samples]],
             g.problem.info.get("tag"),
         )
-        for i, g in zip(mine, groups, strict=True)
+        for i, g in enumerate(groups)
     ]
-    episodes = [(g.problem, e) for g in groups for e in g.episodes if not e.error]
-    metrics_env = env_metrics(env, episodes, "eval", timeout_s)
-    shares = processes.gather((graded, metrics_env), "eval results")
-    if shares is None:
-        return {}
-    results = sorted((r for share, _ in shares for r in share), key=lambda r: r[0])
     metrics = _accuracy(results, samples, "")
     by_tag: dict[str, list] = {}
     for result in results:
@@ -476,26 +467,23 @@ def evaluate(
         metrics |= {f"{k}/{tag}": v for k, v in _accuracy(tagged, samples, tag).items()}
     if any(g is None for _, grades, _ in results for g in grades):
         metrics["eval/env_errors"] = sum(g is None for _, grades, _ in results for g in grades)
-    # The env's metrics: each process's means, weighted alike (shares differ by one at most).
-    for name in sorted({n for _, m in shares for n in m}):
-        metrics[name] = mean(m[name] for _, m in shares if name in m)
-    return metrics
+    return metrics | average([m for _, m in judged if m is not None], "eval")
 
 
-def _grade(
+def _judge_eval(
     env: Env, problem: Problem, episode: Episode, timeout_s: float, on_env_error: str
-) -> Grade | None:
-    """The episode's grade; None (counted in eval/env_errors) when its env failed, or when
-    grading it failed and on_env_error=skip."""
+) -> tuple[Grade | None, dict[str, float] | None]:
+    """The episode's grade and env metrics; (None, None), counted in eval/env_errors, when its
+    env failed, or when grading it failed and on_env_error=skip."""
     if episode.error:
-        return None
+        return None, None
     try:
-        return grade(env, problem, episode.text, timeout_s)
-    except EnvError as exc:
+        found = grade(env, problem, episode.text, timeout_s)
+    except EnvError:
         if on_env_error == "raise":
             raise
-        episode.error = str(exc)
-        return None
+        return None, None
+    return found, episode_metrics(env, problem, episode.text, timeout_s)
 
 
 def _accuracy(results, samples: int, tag: str) -> dict[str, float]:

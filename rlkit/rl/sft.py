@@ -9,7 +9,6 @@ import random
 from collections.abc import Callable, Sequence
 
 from rlkit.api import types
-from rlkit.client import Processes
 from rlkit.rl.chat import observation_tokens
 from rlkit.rl.envs.base import Env, Problem, draw
 
@@ -55,7 +54,6 @@ def train(
     steps: int,
     adam: types.AdamParams,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
-    processes: Processes | None = None,
     start: int = 0,
     stop: Callable[[int], bool] | None = None,
 ) -> list[float]:
@@ -63,29 +61,18 @@ def train(
     target token of each. `stop(done)`, called after each step but the last, ends the loop early
     when it returns True (Ctrl-C / SIGTERM).
 
-    The next batch is built while the current step runs (the calls return futures). With
-    several processes, each trains on its share of every batch (the optimizer step sums the
-    gradients), and the loss is the whole batch's.
+    The next batch is built while the current step runs (the calls return futures).
     """
-    processes = processes or Processes()
-
-    def share(step: int) -> list[types.Datum]:
-        batch = make_batch(step)
-        return [batch[i] for i in processes.shard(len(batch))]
-
     losses = []
-    batch = share(start)
+    batch = make_batch(start)
     for step in range(start, steps):
-        # A process whose share is empty (a batch smaller than the number of processes)
-        # joins the step with zero gradients.
-        fwd_bwd = trainer.forward_backward(batch, loss_fn="cross_entropy") if batch else None
+        fwd_bwd = trainer.forward_backward(batch, loss_fn="cross_entropy")
         optim = trainer.optim_step(adam)
         tokens = sum(sum(d.loss_fn_inputs["weights"].tolist()) for d in batch)
         if step + 1 < steps:
-            batch = share(step + 1)
-        loss_sum = fwd_bwd.result().metrics["loss:sum"] if fwd_bwd else 0.0
-        loss = processes.sum(loss_sum, "SFT loss")
-        losses.append(loss / max(processes.sum(tokens, "SFT token count"), 1.0))
+            batch = make_batch(step + 1)
+        loss = fwd_bwd.result().metrics["loss:sum"]
+        losses.append(loss / max(tokens, 1.0))
         optim.result()
         if on_step:
             on_step(step, {"sft/loss": losses[-1]})
@@ -102,7 +89,6 @@ def warm_start(
     batch_size: int,
     adam: types.AdamParams,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
-    processes: Processes | None = None,
     start: int = 0,
     stop: Callable[[int, object], bool] | None = None,
 ) -> list[float]:
@@ -126,4 +112,4 @@ def warm_start(
         return observation_tokens(env, observation, tokenizer, turn)[1]
 
     stop_at = None if stop is None else lambda done: stop(done, states.pop(done))
-    return train(trainer, make_batch, steps, adam, on_step, processes, start, stop_at)
+    return train(trainer, make_batch, steps, adam, on_step, start, stop_at)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from rlkit.api import types
-from rlkit.client import Processes
 from rlkit.rl.rollouts import logprob_gaps
 from rlkit.run import seeds
 
@@ -31,26 +30,25 @@ AGGREGATIONS = ("token_sum", "token_mean", "sequence_mean", "constant")
 
 @dataclass
 class UpdateResult:
-    # Sum of the losses of the first optimizer step's datums (this process's).
+    # Sum of the losses of the first optimizer step's datums.
     loss: float | None
-    # Trainer minus sampler logprobs before any update, on this process's trained tokens.
+    # Trainer minus sampler logprobs before any update, on the trained tokens.
     gaps: torch.Tensor | None
     # Mean gradient norm over the optimizer steps.
     grad_norm: float
     optimizer_steps: int
 
 
-def aggregate(datums_D, mode: str, max_tokens: int, procs: Processes) -> list[types.Datum]:
-    """The datums with their `weights` scaled for `mode` (see the module docstring); the counts
-    are summed over processes, so N processes weigh tokens as one would."""
+def aggregate(datums_D, mode: str, max_tokens: int) -> list[types.Datum]:
+    """The datums with their `weights` scaled for `mode` (see the module docstring)."""
     if mode == "token_sum":
         return list(datums_D)
     masks = [d.loss_fn_inputs["weights"].to_torch() for d in datums_D]
     if mode == "token_mean":
-        total = procs.sum(sum(float((m > 0).sum()) for m in masks), "token count")
+        total = sum(float((m > 0).sum()) for m in masks)
         scales = [1.0 / max(total, 1.0)] * len(masks)
     else:
-        n_seqs = procs.sum(len(masks), "sequence count")
+        n_seqs = len(masks)
         if mode == "sequence_mean":
             scales = [1.0 / (max(float((m > 0).sum()), 1.0) * n_seqs) for m in masks]
         elif mode == "constant":
@@ -73,11 +71,8 @@ def policy_update(
     max_tokens: int = 1,
     seed: int = 0,
     step: int = 0,
-    procs: Processes | None = None,
 ) -> UpdateResult:
-    """Optimizer steps on this process's `datums_D` (every process calls it, with the same
-    settings; a process with no datums in a minibatch joins its step with zero gradients)."""
-    procs = procs or Processes()
+    """Optimizer steps on the batch's `datums_D`."""
     n_steps = updates_per_batch * minibatches
     gaps = None
     if n_steps > 1 and datums_D:
@@ -94,12 +89,12 @@ def policy_update(
             seeds.rng(seed, "minibatch", step, epoch).shuffle(order)
         for part in range(minibatches):
             mine = [datums_D[i] for i in order[part::minibatches]]
-            if not procs.sum(len(mine), "minibatch datum count"):
-                continue  # fewer datums than minibatches everywhere
-            mine = aggregate(mine, aggregation, max_tokens, procs)
-            out = trainer.forward_backward(mine, loss_name, loss_config) if mine else None
+            if not mine:
+                continue  # fewer datums than minibatches
+            mine = aggregate(mine, aggregation, max_tokens)
+            out = trainer.forward_backward(mine, loss_name, loss_config)
             norms.append(trainer.optim_step(adam).result().metrics["grad_norm"])
-            if out is not None and loss is None:
+            if loss is None:
                 result = out.result()
                 loss = result.metrics["loss:sum"]
                 if gaps is None:

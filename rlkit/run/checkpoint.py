@@ -63,7 +63,7 @@ from rich.markup import escape
 from safetensors.torch import load_file, save_file
 
 from rlkit.api.errors import RlkitError
-from rlkit.client import Processes
+from rlkit.client import Launch
 from rlkit.run.config import ConfigError, plain
 from rlkit.run.manifest import NOT_HASHED, flatten
 from rlkit.run.outputs import console, read_history
@@ -90,12 +90,12 @@ class Resumed:
 class Checkpointer:
     """Saves and restores a run's checkpoints under `run_dir/checkpoints`."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, processes: Processes | None = None) -> None:
+    def __init__(self, run_dir: Path, cfg: DictConfig, processes: Launch | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / "checkpoints"
         self.cfg = cfg
         # With several processes, only the main one writes and chooses; the others follow it.
-        self.processes = processes or Processes()
+        self.processes = processes or Launch()
         self.trainer = None  # set by resume()
         self._saving: Path | None = None  # the client's copy of a state being checkpointed
         self.every = cfg.checkpoint.every

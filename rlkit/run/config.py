@@ -485,10 +485,11 @@ def engine_args(engine: DictConfig) -> dict[str, Any]:
 def _validate_engine(engine: DictConfig) -> None:
     if not isinstance(engine, DictConfig) or "_target_" not in engine:
         raise ConfigError("engine needs a _target_ (an engine class, see conf/engine/)")
-    from rlkit.client import EngineSettings  # the engine's own options decide what is valid
+    from rlkit.client import check_engine  # the engine's own options decide what is valid
 
     try:
-        EngineSettings.parse(**engine_args(engine), where="engine.")
+        args = engine_args(engine)
+        check_engine(args["engine"], args["engine_options"], where="engine.")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -6,8 +6,9 @@ manifest and config; `steps()` hands out the RL steps still to run, checkpointin
 `log` writes one step's metrics everywhere they go; `finish` saves the adapter, the plot and the
 summary. Used as a context manager, it closes every output on the way out, crash or not.
 
-With several processes (a launcher's), every process opens a session; only the main one writes
-outputs, the manifest and checkpoints, and shows progress. The others log nothing.
+With several processes (a launcher's), every process opens a session and runs the same loop;
+only the main one writes outputs, the manifest and checkpoints, and shows progress. The others
+log nothing. The loop never asks which process it is in: that is this file's business.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Session:
     # Extra metric sinks (logger=wandb, ...).
     sinks: list[Any]
     # This process's rank among the run's processes (rank 0 of 1 without a launcher).
-    processes: rlkit.client.Processes
+    processes: rlkit.client.Launch
     # Every RL step's metrics so far (a resumed run's included), for the plot and the summary.
     history: list[dict] = field(default_factory=list)
     _progress: Progress | None = None
@@ -59,7 +60,7 @@ class Session:
     @classmethod
     def open(cls, cfg: DictConfig, run_dir: Path) -> Session:
         run_dir = Path(run_dir)
-        processes = rlkit.client.processes(cfg.distributed.timeout_s)
+        processes = rlkit.client.Launch.join(cfg.distributed.timeout_s)
         main = processes.is_main
         run_dir.mkdir(parents=True, exist_ok=True)
         # One run at a time in a run dir: held until the session closes.
@@ -74,6 +75,7 @@ class Session:
     @classmethod
     def _open(cls, cfg, run_dir: Path, processes, lock: RunLock | None) -> Session:
         main = processes.is_main
+        console.quiet = not main  # every process runs the loop: one of them speaks
         # Refuses a used run dir unless resume=auto.
         checkpoints = Checkpointer(run_dir, cfg, processes)
         seeds.apply_determinism(cfg)  # before any model or engine starts
@@ -104,7 +106,7 @@ class Session:
                 service.engine.name,
                 checkpoints.resumed_from,
                 segment_start=resumed.step,
-                processes=rlkit.client.launcher_info(),
+                processes=processes.info(),
             )
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         return cls(
@@ -158,6 +160,18 @@ class Session:
         if self._progress is not None:
             done = min(metrics["step"] + 1, self.cfg.steps)
             self._progress.update(self._task, completed=done, status=self._status())
+
+    def progress(self) -> Progress:
+        """A progress bar, shown by the main process (a silent one elsewhere)."""
+        return progress_bar(show=self.processes.is_main)
+
+    def keep_adapter(self, name: str, dest: Path) -> None:
+        """The adapter as it is now, written to `dest` (by the main process); every process
+        returns once it is there."""
+        if self.processes.is_main:
+            saved = self.trainer.save_weights_for_sampler(name).result().path
+            take(saved, dest, self.checkpoints.dir)
+        self.processes.barrier(f"{name} saved")
 
     def write_samples(self, records: list[dict]) -> None:
         for record in records:
