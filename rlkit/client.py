@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import os
 import threading
@@ -177,21 +178,31 @@ class _Worker:
 
     Most calls run at once and return a resolved future (errors are raised by `.result()`, as
     from a remote call). Sample requests are queued instead and run together, as one engine
-    batch, when a result is asked for or any other call is submitted, so submission order is
-    still execution order. Not a background thread on purpose: measured on 2 CPU cores, torch
-    ops in a second thread ran 2-3x slower than in the main one (its OpenMP team competes with
-    the main thread's spinning one).
+    batch, when a result is asked for or any other call is submitted from the same thread, so
+    a thread's submission order is still its execution order. Not a background thread on
+    purpose: measured on 2 CPU cores, torch ops in a second thread ran 2-3x slower than in the
+    main one (its OpenMP team competes with the main thread's spinning one).
+
+    Threads: a caller may sample from one thread while it trains in another (asynchronous RL,
+    rlkit.rl.schedule). Each thread has its own queue, so an engine batch holds one thread's
+    requests only, the same batch whatever the timing; engine work (sampling, loading weights
+    into the engine) holds one lock and model work (forward, backward, optimizer, snapshots)
+    another, so the two overlap. The engine serves its own copy of the weights.
     """
 
     def __init__(self, learner: Learner) -> None:
         self.learner = learner
-        self._lock = threading.RLock()
-        self._queued: list[tuple[int, Snapshot, Request, bool, concurrent.futures.Future]] = []
+        self._lock = threading.RLock()  # the training model and optimizer
+        self._engine_lock = threading.RLock()  # the rollout engine
+        self._queues_lock = threading.Lock()
+        self._queues: dict[int, list[tuple[int, Snapshot, Request, bool, Any]]] = {}
 
-    def submit(self, fn: Callable[..., T], *args, **kwargs) -> APIFuture[T]:
+    def submit(self, fn: Callable[..., T], *args, engine: bool = False, **kwargs) -> APIFuture[T]:
+        """Run `fn` now (after this thread's queued samples), under the engine's lock when
+        `engine`, else the model's."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            self.flush()
+        self.flush()
+        with self._engine_lock if engine else self._lock:
             try:
                 future.set_result(fn(*args, **kwargs))
             except Exception as exc:
@@ -202,36 +213,41 @@ class _Worker:
         self, key: int, snapshot: Snapshot, request: Request, with_prompt_logprobs: bool
     ) -> APIFuture[SampleResponse]:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            self._queued.append((key, snapshot, request, with_prompt_logprobs, future))
-        return APIFuture(future, flush=self.flush)
+        thread = threading.get_ident()
+        with self._queues_lock:
+            self._queues.setdefault(thread, []).append(
+                (key, snapshot, request, with_prompt_logprobs, future)
+            )
+        return APIFuture(future, flush=functools.partial(self.flush, thread))
 
-    def flush(self) -> None:
-        """Run every queued sample request in one batch; each future gets its own result."""
-        with self._lock:
-            queued, self._queued = self._queued, []
-            if not queued:
-                return
+    def flush(self, thread: int | None = None) -> None:
+        """Run every request queued by `thread` (default: the calling one) in one batch; each
+        future gets its own result."""
+        with self._queues_lock:
+            queued = self._queues.pop(threading.get_ident() if thread is None else thread, [])
+        if not queued:
+            return
+        try:
+            results = self.learner.sample(
+                [(key, snap, req) for key, snap, req, _, _ in queued], self._engine_lock
+            )
+        except Exception as exc:
+            for *_, future in queued:
+                future.set_exception(exc)
+            return
+        for (key, snapshot, request, with_prompt_lp, future), sequences in zip(
+            queued, results, strict=True
+        ):
             try:
-                results = self.learner.sample([(key, snap, req) for key, snap, req, _, _ in queued])
-            except Exception as exc:
-                for *_, future in queued:
-                    future.set_exception(exc)
-                return
-            for (key, snapshot, request, with_prompt_lp, future), sequences in zip(
-                queued, results, strict=True
-            ):
-                try:
+                with self._engine_lock:
                     prompt_lp = (
                         self.learner.prompt_logprobs(key, snapshot, request.prompt)
                         if with_prompt_lp
                         else None
                     )
-                    future.set_result(
-                        SampleResponse(sequences=sequences, prompt_logprobs=prompt_lp)
-                    )
-                except Exception as exc:
-                    future.set_exception(exc)
+                future.set_result(SampleResponse(sequences=sequences, prompt_logprobs=prompt_lp))
+            except Exception as exc:
+                future.set_exception(exc)
 
 
 def _dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -527,7 +543,11 @@ class TrainingClient:
         )
 
     def create_sampling_client(self, model_path: str, **_hosted_only: Any) -> SamplingClient:
-        return self.service.create_sampling_client(model_path=model_path)
+        """A sampler over the adapter saved at `model_path` (by save_state or
+        save_weights_for_sampler, for this client's base and rank), served by this client's
+        engine: no second copy of the model. The trainer's own weights are left as they are."""
+        snapshot = self._worker.submit(self._learner.snapshot_of, Path(model_path)).result()
+        return self._sampler(snapshot)
 
     def save_weights_and_get_sampling_client(
         self, name: str | None = None, **_hosted_only: Any
@@ -538,9 +558,14 @@ class TrainingClient:
         snapshot = self._worker.submit(self._learner.snapshot).result()
         if name is not None:
             self.save_weights_for_sampler(name).result()
+        return self._sampler(snapshot)
+
+    def _sampler(self, snapshot: Snapshot) -> SamplingClient:
         key = next(self._sampler_seeds)
         sampler = SamplingClient(self._worker, snapshot, key, (self._learner.spec.seed, key))
-        sampler.sync_metrics = self._worker.submit(self._learner.sync, key, snapshot).result()
+        sampler.sync_metrics = self._worker.submit(
+            self._learner.sync, key, snapshot, engine=True
+        ).result()
         return sampler
 
     # ---- async twins (each returns the same future as its sync twin) ----------------------
@@ -646,7 +671,7 @@ class SamplingClient:
         _refuse_unsupported("compute_logprobs", unsupported)
         tokens = to_token_list(prompt)
         return self._worker.submit(
-            self._worker.learner.prompt_logprobs, self._key, self._snapshot, tokens
+            self._worker.learner.prompt_logprobs, self._key, self._snapshot, tokens, engine=True
         )
 
     async def compute_logprobs_async(self, *args, **kwargs) -> list[float | None]:

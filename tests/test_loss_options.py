@@ -143,6 +143,60 @@ def test_old_logprobs_make_the_ratio_to_the_old_policy(name, tis_cap):
     torch.testing.assert_close(got, formula_grad(formula, leaf(LP)))
 
 
+@pytest.mark.parametrize("name", ["importance_sampling", "ppo", "cispo"])
+@pytest.mark.parametrize("with_old", [False, True])
+def test_token_mask_is_autograd_of_its_formula(name, with_old):
+    """IcePop: tokens whose behaviour ratio r = exp(old - sampler) leaves [low, high] carry no
+    policy term; the others exactly the loss's own."""
+    old = LP + 0.2 * torch.randn(N, dtype=torch.float64)
+    inputs = {"logprobs": Q, "advantages": A, "weights": MASK}
+    if with_old:
+        inputs["old_logprobs"] = old
+    r = torch.exp((old if with_old else LP) - Q)
+    low, high = 0.8, 1.25
+    keep = ((r >= low) & (r <= high)).double()
+    assert 0 < float((keep * MASK).sum()) < float(MASK.sum())  # the mask bites, not everywhere
+    spec = losses.get_loss(name)
+    plain = spec.resolve_config(name, {})
+
+    def formula(lp):
+        return (keep * spec.fn(lp, inputs, **plain)).sum()
+
+    got = grads(name, leaf(LP), inputs, token_mask_low=low, token_mask_high=high)
+    torch.testing.assert_close(got, formula_grad(formula, leaf(LP)))
+
+
+@pytest.mark.parametrize("with_old", [False, True])
+def test_sequence_mask_drops_a_whole_sequence_outside_its_cap(with_old):
+    """TRL's sequence masking: the sequence's ratio prod(r) over its model tokens; outside
+    [1/C, C] the whole policy term is 0 (gradient 0), inside it is untouched."""
+    old = LP + 0.2 * torch.randn(N, dtype=torch.float64)
+    inputs = {"logprobs": Q, "advantages": A, "weights": MASK}
+    if with_old:
+        inputs["old_logprobs"] = old
+    log_ratio = float((((old if with_old else LP) - Q) * MASK).sum())
+    plain = grads("importance_sampling", leaf(LP), inputs)
+    inside = math.exp(abs(log_ratio)) * 1.01  # C just above the sequence's ratio
+    outside = math.exp(abs(log_ratio)) * 0.99
+    assert outside > 1
+    torch.testing.assert_close(
+        grads("importance_sampling", leaf(LP), inputs, seq_mask_cap=inside), plain
+    )
+    masked = grads("importance_sampling", leaf(LP), inputs, seq_mask_cap=outside)
+    assert torch.equal(masked, torch.zeros_like(masked))
+
+
+def test_offpolicy_bounds_must_bracket_one():
+    spec = losses.get_loss("importance_sampling")
+    with pytest.raises(ValueError, match="seq_mask_cap=0.5 must be > 1"):
+        spec.resolve_config("importance_sampling", {"seq_mask_cap": 0.5})
+    with pytest.raises(ValueError, match="token_mask_low < 1 < token_mask_high"):
+        spec.resolve_config("importance_sampling", {"token_mask_low": 1.2, "token_mask_high": 2})
+    with pytest.raises(ValueError, match="token_mask_low < 1 < token_mask_high"):
+        spec.resolve_config("importance_sampling", {"token_mask_low": 0.5})
+    assert spec.resolve_config("importance_sampling", {"token_mask_high": 2})["token_mask_low"] == 0
+
+
 def test_entropy_bonus_is_autograd_of_its_formula_through_the_logits():
     logits = torch.randn(N, 11, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 11, (N,))
@@ -383,6 +437,9 @@ def test_entropy_bonus_in_the_learner_matches_the_logits_formula(trainer):
             "overlong.buffer=100 exceeds max_tokens",
         ),
         (["loss=ppo", "loss.config.clip_high_threshold=0.9"], "clip_low_threshold <= 1 <="),
+        (["+loss.config.seq_mask_cap=0.9"], "seq_mask_cap=0.9 must be > 1"),
+        (["max_steps_off_policy=-1"], "max_steps_off_policy must be >= 0, got -1"),
+        (["max_steps_off_policy=1000"], "max_steps_off_policy=1000 exceeds steps"),
     ],
 )
 def test_bad_option_values_and_combinations_are_named(overrides, message):

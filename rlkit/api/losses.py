@@ -16,6 +16,11 @@ Policy-gradient losses (`register_policy_loss`) share options on top of their ow
   reference, `kl_coef * k(logprobs, ref_logprobs)` per token (estimators: `kl_penalty`).
 - `entropy_coef`: an entropy bonus, `-entropy_coef * H(token distribution)`; the learner
   computes H from the logits when the coefficient is > 0.
+- Off-policy masks (0 = off), on the behaviour ratio r = exp(old - sampler), old being
+  `old_logprobs` or the trainer's own logprobs (detached): `seq_mask_cap` C zeroes the policy
+  term of a whole sequence whose ratio prod(r) over its model tokens leaves [1/C, C] (TRL's
+  sequence masking); `token_mask_low`, `token_mask_high` zero it on tokens whose r leaves
+  [low, high] (IcePop). Both bounds must bracket 1. The KL and entropy terms are not masked.
 
 Add a loss with `@register_loss("name", inputs=(...), **config_defaults)` (or
 `register_policy_loss`); a name registered twice is an error. loss_fn_config values are
@@ -101,6 +106,18 @@ class LossSpec:
                 raise ValueError(
                     f"loss {name!r}: loss_fn_config {key}={value} must be a finite number >= 0"
                 )
+        cap = resolved.get("seq_mask_cap")
+        if cap and not cap > 1:
+            raise ValueError(
+                f"loss {name!r}: loss_fn_config seq_mask_cap={cap} must be > 1 (the ratio bounds "
+                "[1/cap, cap] must bracket 1), or 0 for off"
+            )
+        low, high = resolved.get("token_mask_low"), resolved.get("token_mask_high")
+        if (low or high) and not low < 1 < high:
+            raise ValueError(
+                f"loss {name!r}: loss_fn_config needs token_mask_low < 1 < token_mask_high (the "
+                f"ratio bounds must bracket 1), got {low} and {high}; both 0 for off"
+            )
         low, high = resolved.get("clip_low_threshold"), resolved.get("clip_high_threshold")
         if low is not None and high is not None and not low <= 1 <= high:
             raise ValueError(
@@ -146,7 +163,44 @@ POLICY_DEFAULTS: dict[str, float | str] = {
     "kl_coef": 0.0,
     "kl_estimator": "k3",
     "entropy_coef": 0.0,
+    "seq_mask_cap": 0.0,
+    "token_mask_low": 0.0,
+    "token_mask_high": 0.0,
 }
+
+
+def behaviour_log_ratio(logprobs: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """log r per token: the policy being corrected for (old_logprobs, or the trainer's
+    logprobs) minus the sampler's; no gradient."""
+    old = inputs.get("old_logprobs")
+    return ((logprobs if old is None else old) - inputs["logprobs"]).detach()
+
+
+def model_tokens(inputs: dict) -> torch.Tensor:
+    """Which tokens are the model's (weights > 0; without weights, those with an advantage)."""
+    if "weights" in inputs:
+        return inputs["weights"] > 0
+    return inputs["advantages"] != 0
+
+
+def offpolicy_keep(
+    log_ratio: torch.Tensor,
+    tokens: torch.Tensor,
+    seq_mask_cap: float = 0.0,
+    token_mask_low: float = 0.0,
+    token_mask_high: float = 0.0,
+) -> torch.Tensor:
+    """1.0 where a token's policy term is kept, 0.0 where an off-policy mask drops it (see the
+    module docstring), for one sequence's `log_ratio` and its model `tokens`."""
+    keep = torch.ones_like(log_ratio)
+    if token_mask_high:
+        ratio = log_ratio.exp()
+        keep = keep * ((ratio >= token_mask_low) & (ratio <= token_mask_high))
+    if seq_mask_cap:
+        total = float((log_ratio * tokens).sum())
+        if abs(total) > math.log(seq_mask_cap):
+            keep = keep * 0.0
+    return keep
 
 
 def register_policy_loss(name: str, requires: tuple[str, ...] = (), **defaults: float):
@@ -155,8 +209,23 @@ def register_policy_loss(name: str, requires: tuple[str, ...] = (), **defaults: 
     `requires`: optional inputs this loss cannot do without."""
 
     def decorate(fn: LossFn) -> LossFn:
-        def loss(logprobs, inputs, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, **config):
+        def loss(
+            logprobs,
+            inputs,
+            kl_coef=0.0,
+            kl_estimator="k3",
+            entropy_coef=0.0,
+            seq_mask_cap=0.0,
+            token_mask_low=0.0,
+            token_mask_high=0.0,
+            **config,
+        ):
             per_token = fn(logprobs, inputs, **config)
+            if seq_mask_cap or token_mask_high:
+                log_ratio = behaviour_log_ratio(logprobs, inputs)
+                per_token = per_token * offpolicy_keep(
+                    log_ratio, model_tokens(inputs), seq_mask_cap, token_mask_low, token_mask_high
+                )
             if kl_coef:
                 per_token = per_token + kl_coef * kl_penalty(
                     logprobs, inputs["ref_logprobs"], kl_estimator

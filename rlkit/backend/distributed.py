@@ -26,6 +26,7 @@ import atexit
 import contextlib
 import os
 import pickle
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -61,6 +62,10 @@ class Processes:
     local_rank: int = 0
     # The torch.distributed group the run's collectives use; None in one process.
     group: Any = None
+    # A second group over the same processes, for collectives made outside the main thread
+    # (asynchronous RL samples in a background thread while the main one trains): each
+    # thread's collectives come in the same order in every process, the two threads' do not.
+    side_group: Any = None
     # Collectives fail after this many seconds; None: torch's default (30 min).
     timeout_s: float | None = None
 
@@ -97,7 +102,7 @@ class Processes:
         if self.group is None:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        self._run(what, dist.all_gather_object, out, obj, group=self.group)
+        self._run(what, dist.all_gather_object, out, obj, group=self._group())
         return out
 
     def map_items(self, fn: Callable[[Any], Any], items: Sequence, what: str) -> list[Any]:
@@ -113,7 +118,7 @@ class Processes:
         if self.group is None:
             return obj
         box = [obj if self.is_main else None]
-        self._run(what, dist.broadcast_object_list, box, src=0, group=self.group)
+        self._run(what, dist.broadcast_object_list, box, src=0, group=self._group())
         return box[0]
 
     def sum(self, value: float, what: str = "sum") -> float:
@@ -121,7 +126,7 @@ class Processes:
         if self.group is None:
             return value
         total = torch.tensor([float(value)], dtype=torch.float64)
-        self._run(what, dist.all_reduce, total, group=self.group)
+        self._run(what, dist.all_reduce, total, group=self._group())
         return float(total)
 
     def any(self, flag: bool, what: str = "any") -> bool:
@@ -141,6 +146,11 @@ class Processes:
         for param, grad in zip(params, grads, strict=True):
             param.grad = flat[offset : offset + grad.numel()].view_as(grad)
             offset += grad.numel()
+
+    def _group(self):
+        if threading.current_thread() is threading.main_thread() or self.side_group is None:
+            return self.group
+        return self.side_group
 
     def _run(self, what: str, fn, *args, **kwargs) -> None:
         try:
@@ -175,11 +185,24 @@ def join(timeout_s: float | None = None) -> Processes:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+        options = {"timeout": timeout} if timeout else {}
+        dist.init_process_group(backend, **options)
         atexit.register(leave)
-        _CURRENT = replace(current(), timeout_s=timeout_s)
+        _CURRENT = Processes(
+            dist.get_rank(),
+            dist.get_world_size(),
+            int(os.environ.get("LOCAL_RANK", "0")),
+            dist.group.WORLD,
+            dist.new_group(**options),
+            timeout_s,
+        )
     elif timeout is not None:
-        _CURRENT = replace(current(), group=dist.new_group(timeout=timeout), timeout_s=timeout_s)
+        _CURRENT = replace(
+            current(),
+            group=dist.new_group(timeout=timeout),
+            side_group=dist.new_group(timeout=timeout),
+            timeout_s=timeout_s,
+        )
     return _CURRENT
 
 
@@ -200,7 +223,12 @@ def current() -> Processes:
     global _CURRENT
     if _CURRENT.group is None and dist.is_available() and dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        _CURRENT = Processes(dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD)
+        # Every process makes its client (and so gets here) at the same point: the side
+        # group's creation, a collective, lines up.
+        side = dist.new_group()
+        _CURRENT = Processes(
+            dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD, side
+        )
     return _CURRENT
 
 

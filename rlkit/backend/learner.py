@@ -156,6 +156,17 @@ class Learner:
         return [o for block in self.processes.all_gather(out, "reference logprobs") for o in block]
 
     @torch.no_grad()
+    def snapshot_of(self, path: Path) -> Snapshot:
+        """The adapter saved at `path` (same base and rank as this one) as a snapshot for a
+        sampler; the policy being trained is left untouched."""
+        current = self._weights()
+        try:
+            self._load_weights(path, read_state(path))
+            return self.snapshot()
+        finally:
+            self._put(current)
+
+    @torch.no_grad()
     def set_reference(self, path: Path | None) -> None:
         """The KL reference: the base model (None), or the base plus the adapter saved at
         `path` (by save_state or save_weights_for_sampler; same base and rank as this one)."""
@@ -311,17 +322,24 @@ class Learner:
             )
         return max_tokens
 
-    def sample(self, batch: list[tuple[int, Snapshot, Request]]) -> list[list[SampledSequence]]:
+    def sample(
+        self, batch: list[tuple[int, Snapshot, Request]], lock=None
+    ) -> list[list[SampledSequence]]:
         """Serve queued requests, in order, one engine call per run of the same snapshot; each
         process serves its block of the requests (a request's completions depend on its seed,
-        not on the batch it is served in) and gets everyone's results."""
+        not on the batch it is served in) and gets everyone's results. `lock` is held while
+        this process's engine works, not while the processes exchange results (a thread that
+        waits for the exchange must not keep another thread's exchange from starting)."""
         start, stop = self.processes.split(
             [r.num_samples * (len(r.prompt) + r.max_tokens) for _, _, r in batch]
         )
         results: list[list[SampledSequence]] = []
-        for (key, snapshot), run in itertools.groupby(batch[start:stop], key=lambda item: item[:2]):
-            self.sync(key, snapshot)
-            results += self._engine().sample([request for _, _, request in run])
+        with lock or contextlib.nullcontext():
+            for (key, snapshot), run in itertools.groupby(
+                batch[start:stop], key=lambda item: item[:2]
+            ):
+                self.sync(key, snapshot)
+                results += self._engine().sample([request for _, _, request in run])
         self.local_counts["sampled_tokens"] += sum(len(s.tokens) for r in results for s in r)
         return [r for block in self.processes.all_gather(results, "sampled results") for r in block]
 

@@ -43,11 +43,13 @@ from rlkit.rl.rollouts import (
     evaluate,
     group_datums,
     mismatch_metrics,
+    ratio_metrics,
     rollout_metrics,
     sample_groups,
     sample_records,
     score_groups,
 )
+from rlkit.rl.schedule import Sampled, Schedule, slow
 from rlkit.rl.shaping import attach_reference, shape_rewards
 from rlkit.rl.update import policy_update
 from rlkit.run import seeds
@@ -89,31 +91,40 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 raise SystemExit(0)  # stopped during it: a checkpoint holds its progress
         if cfg.kl.coef:
             trainer.set_reference(kl_reference(cfg, run)).result()
-        sampler = trainer.save_weights_and_get_sampling_client()
+
+        def rollouts(sampler, step: int):
+            # Problems and sampling seeds are functions of (seed, step): a resumed run, or one
+            # whose sampling ran at another time (max_steps_off_policy), draws the same.
+            rng = seeds.rng(cfg.seed, "problems", step)
+            problems_P = draw(env, rng, cfg.groups_per_step, step)
+            seeds_P = [
+                seeds.derive_seed(cfg.seed, "rollout", step, i) for i in range(len(problems_P))
+            ]
+            return problems_P, sample_groups(
+                sampler,
+                tokenizer,
+                env,
+                problems_P,
+                cfg.group_size,
+                params,
+                seeds_P,
+                cfg.on_env_error,
+                limits,
+            )
+
+        # Which policy samples each step (max_steps_off_policy; see rlkit.rl.schedule).
+        schedule = Schedule(cfg.max_steps_off_policy, run.resumed.step, cfg.steps, rollouts)
+        for version in schedule.needed(run.resumed.step):  # a resumed run's older policies
+            schedule.add(version, trainer.create_sampling_client(str(run.policy_path(version))))
+        sampler = new_policy(run, schedule, run.resumed.step)
         for step in run.steps():  # checkpoints when due; ends early on Ctrl-C / SIGTERM
             metrics = {"step": step}
             if step % cfg.eval_every == 0:
                 metrics |= run_eval(cfg, sampler, env, tokenizer, params, limits, step)
 
-            # Problems and sampling seeds are functions of (seed, step): a resumed run draws the
-            # same.
             with timed(metrics, "time/sample"):
-                rng = seeds.rng(cfg.seed, "problems", step)
-                problems_P = draw(env, rng, cfg.groups_per_step, step)
-                seeds_P = [
-                    seeds.derive_seed(cfg.seed, "rollout", step, i) for i in range(len(problems_P))
-                ]
-                groups = sample_groups(
-                    sampler,
-                    tokenizer,
-                    env,
-                    problems_P,
-                    cfg.group_size,
-                    params,
-                    seeds_P,
-                    cfg.on_env_error,
-                    limits,
-                )
+                sampled = schedule.take(step)
+                problems_P, groups = sampled.rollouts
 
             with timed(metrics, "time/score"):
                 if cfg.kl.coef:  # the reference's logprobs: one forward pass
@@ -137,6 +148,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             metrics |= dict.fromkeys(TRAIN_KEYS)
             update = None
             with timed(metrics, "time/train"):
+                slow("training")
                 if datums_D:
                     lr = learning_rate(cfg, step)
                     update = policy_update(
@@ -156,7 +168,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                     metrics["train/lr"] = lr
 
             with timed(metrics, "time/sync"):
-                sampler = trainer.save_weights_and_get_sampling_client()
+                sampler = new_policy(run, schedule, step + 1)
             metrics["sync/probe_mismatch"] = sampler.sync_metrics.get("sync/probe_mismatch")
 
             metrics |= rollout_metrics(groups, scores, env, cfg.plugin_timeout_s)
@@ -164,16 +176,43 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             if update is not None:
                 metrics["train/loss"] = update.loss
                 metrics |= mismatch_metrics(update.gaps, loss_config.get("tis_cap", 0.0))
+            if schedule.k:  # asynchronous: how stale, how far off, how much was hidden
+                metrics |= offpolicy_metrics(step, sampled, update, loss_config)
             metrics["time/step"] = sum(metrics[f"time/{k}"] for k in PHASES)
             if step % cfg.samples_every == 0:
                 run.write_samples(sample_records(step, groups))
             run.log(metrics)
 
+        schedule.close()
         if run.stopped:
             raise SystemExit(0)  # the checkpoint is written and the resume command printed
         final = run_eval(cfg, sampler, env, tokenizer, params, limits)
         run.log({"step": cfg.steps, **final})
         return run.finish()
+
+
+def new_policy(run: Session, schedule: Schedule, version: int):
+    """The weights as they are now are policy `version`: a sampler for them, handed to the
+    schedule, and (asynchronous runs) kept for checkpoints while a later step needs them."""
+    sampler = run.trainer.save_weights_and_get_sampling_client()
+    if schedule.k:
+        run.keep_policy(version, range(schedule.version(version), version + 1))
+    schedule.add(version, sampler)
+    return sampler
+
+
+def offpolicy_metrics(step: int, sampled: Sampled, update, loss_config: dict) -> dict:
+    """Staleness (steps between the sampling policy and the one trained), the importance ratio
+    exp(trainer - sampler) on the trained tokens before the update, the fraction the off-policy
+    masks drop, and the seconds of the step's sampling hidden behind training."""
+    metrics = {
+        "train/staleness_mean": float(step - sampled.version),
+        "train/staleness_max": step - sampled.version,
+        "time/overlap": max(sampled.seconds - sampled.waited, 0.0),
+    }
+    if update is not None:
+        metrics |= ratio_metrics(update.gaps, update.sequence_gaps, loss_config)
+    return metrics
 
 
 def run_eval(cfg, sampler, env, tokenizer, params, limits, step: int | None = None):

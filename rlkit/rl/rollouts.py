@@ -411,6 +411,37 @@ def logprob_gaps(datums_D, outputs) -> torch.Tensor:
     return torch.cat(diffs)
 
 
+def sequence_gaps(datums_D, outputs) -> torch.Tensor:
+    """Each datum's trainer minus sampler logprob summed over its trained tokens: the log of
+    the sequence's importance ratio."""
+    return torch.tensor(
+        [
+            float(g.sum())
+            for g in (logprob_gaps([d], [o]) for d, o in zip(datums_D, outputs, strict=True))
+        ],
+        dtype=torch.float64,
+    )
+
+
+def ratio_metrics(gaps: torch.Tensor, seq_gaps: torch.Tensor, config: dict) -> dict[str, float]:
+    """The importance ratio exp(trainer - sampler) of the trained tokens (its spread: std,
+    min, max) and the fractions the off-policy masks drop (`loss.config.seq_mask_cap`,
+    `token_mask_low` / `token_mask_high`; see rlkit.api.losses)."""
+    ratio = gaps.double().exp()
+    metrics = {
+        "train/is_ratio_std": float(ratio.std()) if len(ratio) > 1 else 0.0,
+        "train/is_ratio_min": float(ratio.min()) if len(ratio) else None,
+        "train/is_ratio_max": float(ratio.max()) if len(ratio) else None,
+    }
+    cap = config.get("seq_mask_cap", 0.0)
+    if cap:
+        metrics["train/seq_masked_frac"] = float((seq_gaps.abs() > math.log(cap)).double().mean())
+    low, high = config.get("token_mask_low", 0.0), config.get("token_mask_high", 0.0)
+    if high:
+        metrics["train/token_masked_frac"] = float(((ratio < low) | (ratio > high)).double().mean())
+    return metrics
+
+
 def mismatch_metrics(gaps: torch.Tensor, tis_cap: float = 0.0) -> dict[str, float]:
     """How far the trainer's logprobs are from the sampler's on the sampled tokens (`gaps`, from
     `logprob_gaps`), and how often a truncated-IS cap (`loss.config.tis_cap`, 0 = off) clipped

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from rlkit.api import types
-from rlkit.rl.rollouts import logprob_gaps
+from rlkit.rl.rollouts import logprob_gaps, sequence_gaps
 from rlkit.run import seeds
 
 AGGREGATIONS = ("token_sum", "token_mean", "sequence_mean", "constant")
@@ -37,6 +37,8 @@ class UpdateResult:
     # Mean gradient norm over the optimizer steps.
     grad_norm: float
     optimizer_steps: int
+    # The same gaps summed over each datum's trained tokens (the sequence's log ratio).
+    sequence_gaps: torch.Tensor | None = None
 
 
 def aggregate(datums_D, mode: str, max_tokens: int) -> list[types.Datum]:
@@ -74,10 +76,10 @@ def policy_update(
 ) -> UpdateResult:
     """Optimizer steps on the batch's `datums_D`."""
     n_steps = updates_per_batch * minibatches
-    gaps = None
+    gaps = seq_gaps = None
     if n_steps > 1 and datums_D:
         before = trainer.forward(datums_D, loss_name, loss_config).result().loss_fn_outputs
-        gaps = logprob_gaps(datums_D, before)
+        gaps, seq_gaps = logprob_gaps(datums_D, before), sequence_gaps(datums_D, before)
         datums_D = [
             _with(d, old_logprobs=o["logprobs"].to_torch())
             for d, o in zip(datums_D, before, strict=True)
@@ -99,7 +101,8 @@ def policy_update(
                 loss = result.metrics["loss:sum"]
                 if gaps is None:
                     gaps = logprob_gaps(mine, result.loss_fn_outputs)
-    return UpdateResult(loss, gaps, sum(norms) / len(norms), len(norms))
+                    seq_gaps = sequence_gaps(mine, result.loss_fn_outputs)
+    return UpdateResult(loss, gaps, sum(norms) / len(norms), len(norms), seq_gaps)
 
 
 def _with(datum: types.Datum, **inputs: torch.Tensor) -> types.Datum:

@@ -198,6 +198,11 @@ class Checkpointer:
         if warmup is not None:
             trainer_state["warmup"] = warmup
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+        k = self.cfg.get("max_steps_off_policy", 0)
+        for version in range(max(0, step - k), step) if k and warmup is None else []:
+            shutil.copytree(
+                self.policies_dir / f"{version:06d}", tmp / "policies" / f"{version:06d}"
+            )
         (tmp / "outputs").mkdir()
         for file in OUTPUT_FILES:
             if (self.run_dir / file).exists():
@@ -267,7 +272,14 @@ class Checkpointer:
             _say(f"resume=auto: no checkpoint in {escape(str(self.dir))} yet; starting at step 0")
         self._fresh()
 
+    @property
+    def policies_dir(self) -> Path:
+        """Asynchronous RL's policies that later steps are sampled by (`Session.keep_policy`):
+        a checkpoint copies those its next steps need, and resume puts them back here."""
+        return self.dir / "policies"
+
     def _fresh(self) -> Resumed:
+        shutil.rmtree(self.policies_dir, ignore_errors=True)
         for file in OUTPUT_FILES:
             (self.run_dir / file).unlink(missing_ok=True)
         self.resumed = Resumed()
@@ -295,6 +307,9 @@ class Checkpointer:
                 shutil.copyfile(saved, live)
             else:
                 live.unlink(missing_ok=True)
+        shutil.rmtree(self.policies_dir, ignore_errors=True)
+        if (path / "policies").is_dir():
+            shutil.copytree(path / "policies", self.policies_dir)
         warn_config_changes(state["config"], plain(self.cfg))
         saved_world = state.get("world_size", 1)
         if saved_world != self.processes.world_size:

@@ -235,6 +235,10 @@ class RunConfig:
     # optimizer step computes the old policy's logprobs first (see rlkit.rl.update).
     updates_per_batch: int = 1
     minibatches: int = 1
+    # Asynchronous RL with bounded staleness: the rollouts of step s are sampled by the policy
+    # of step max(0, s - K), sampled while steps s-K .. s-1 train (see rlkit.rl.schedule); the
+    # schedule is a function of the step, so a run is still bitwise reproducible. 0: synchronous.
+    max_steps_off_policy: int = 0
     # `_target_` of a rollout engine class and its options (see conf/engine/).
     engine: Any = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -546,6 +550,13 @@ def _validate_loss(cfg: DictConfig) -> None:
         raise ConfigError(
             f"overlong.buffer={cfg.overlong.buffer} exceeds max_tokens={cfg.max_tokens}: the "
             "penalty would start before the first token"
+        )
+    if cfg.max_steps_off_policy < 0:
+        raise ConfigError(f"max_steps_off_policy must be >= 0, got {cfg.max_steps_off_policy}")
+    if cfg.max_steps_off_policy > cfg.steps:
+        raise ConfigError(
+            f"max_steps_off_policy={cfg.max_steps_off_policy} exceeds steps={cfg.steps}: every "
+            "step would be sampled by the starting policy"
         )
     batch = cfg.groups_per_step * cfg.group_size
     if cfg.minibatches > batch:

@@ -14,6 +14,7 @@ log nothing. The loop never asks which process it is in: that is this file's bus
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,33 @@ class Session:
             saved = self.trainer.save_weights_for_sampler(name).result().path
             take(saved, dest, self.checkpoints.dir)
         self.processes.barrier(f"{name} saved")
+
+    def keep_policy(self, version: int, needed: range) -> None:
+        """Asynchronous RL: the adapter as it is now is policy `version`; keep it (with the
+        other policies in `needed`, the ones later steps are still sampled by) where the next
+        checkpoint copies it from. Older ones are deleted."""
+        if not self.processes.is_main:
+            return
+        live = self.checkpoints.policies_dir
+        live.mkdir(parents=True, exist_ok=True)
+        dest = live / f"{version:06d}"
+        if not dest.exists():
+            saved = self.trainer.save_weights_for_sampler(f"policy_{version:06d}").result().path
+            take(saved, dest, self.checkpoints.dir)
+        for old in sorted(live.iterdir()):
+            if old.name.isdigit() and int(old.name) not in needed:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def policy_path(self, version: int) -> Path:
+        """Where policy `version` is kept (restored there from the checkpoint on resume)."""
+        path = self.checkpoints.policies_dir / f"{version:06d}"
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"max_steps_off_policy: policy {version}, which samples a step still to run, is "
+                f"missing from {path} (a checkpoint from a run with a smaller "
+                "max_steps_off_policy?); resume with the run's own max_steps_off_policy"
+            )
+        return path
 
     def write_samples(self, records: list[dict]) -> None:
         for record in records:
