@@ -87,6 +87,11 @@ def worker(rank, init_file, out_dir, n_datums) -> None:
         train_once(n_datums, out_dir, f"rank{rank}")
     finally:
         dist.destroy_process_group()
+    # Everything is written: leave without the interpreter's teardown, where gloo's worker
+    # threads, freed late, can abort a spawned process (SIGABRT, "terminate called without an
+    # active exception"; pytorch/pytorch PR 179291). rlkit's own processes leave their group
+    # at exit (distributed.leave) before that teardown.
+    os._exit(0)
 
 
 def run_two_processes(tmp_path, n_datums) -> list[tuple[dict, dict]]:

@@ -60,7 +60,8 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    # The torch.distributed group the run's collectives use; None in one process.
+    # The torch.distributed group the run's collectives use; None: the default group (looked up
+    # at each call, so no reference to it outlives its owner's destroy_process_group).
     group: Any = None
     # A second group over the same processes, for collectives made outside the main thread
     # (asynchronous RL samples in a background thread while the main one trains): each
@@ -76,7 +77,7 @@ class Processes:
 
     @property
     def backend(self) -> str | None:
-        return dist.get_backend(self.group) if self.group is not None else None
+        return dist.get_backend(self.group) if self.world_size > 1 else None
 
     def split(self, costs: Sequence[float]) -> tuple[int, int]:
         """This process's block `[start, stop)` of items with these costs: contiguous blocks,
@@ -99,7 +100,7 @@ class Processes:
 
     def all_gather(self, obj: Any, what: str = "gather") -> list[Any]:
         """Every process's `obj`, in rank order, on every process."""
-        if self.group is None:
+        if self.world_size == 1:
             return [obj]
         out: list[Any] = [None] * self.world_size
         self._run(what, dist.all_gather_object, out, obj, group=self._group())
@@ -115,7 +116,7 @@ class Processes:
 
     def broadcast(self, obj: Any = None, what: str = "broadcast") -> Any:
         """The main process's `obj`, on every process."""
-        if self.group is None:
+        if self.world_size == 1:
             return obj
         box = [obj if self.is_main else None]
         self._run(what, dist.broadcast_object_list, box, src=0, group=self._group())
@@ -123,7 +124,7 @@ class Processes:
 
     def sum(self, value: float, what: str = "sum") -> float:
         """`value` summed over the processes, in float64 (exact for counts)."""
-        if self.group is None:
+        if self.world_size == 1:
             return value
         total = torch.tensor([float(value)], dtype=torch.float64)
         self._run(what, dist.all_reduce, total, group=self._group())
@@ -137,7 +138,7 @@ class Processes:
         """Every parameter's gradient becomes, in place, its sum over the processes; a process
         with no gradient (all its groups skipped) contributes zeros. One flat all-reduce per
         step: one message, and the same summation order every time."""
-        if self.group is None:
+        if self.world_size == 1:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -192,7 +193,7 @@ def join(timeout_s: float | None = None) -> Processes:
             dist.get_rank(),
             dist.get_world_size(),
             int(os.environ.get("LOCAL_RANK", "0")),
-            dist.group.WORLD,
+            None,
             dist.new_group(**options),
             timeout_s,
         )
@@ -221,14 +222,13 @@ def current() -> Processes:
     """The run's processes; a group made by other code (a user's own init_process_group, e.g.
     through accelerate) counts too, so the learner sums gradients over it."""
     global _CURRENT
-    if _CURRENT.group is None and dist.is_available() and dist.is_initialized():
+    if _CURRENT.world_size > 1 and not dist.is_initialized():  # its owner destroyed it
+        _CURRENT = Processes()
+    if _CURRENT.world_size == 1 and dist.is_available() and dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        # Every process makes its client (and so gets here) at the same point: the side
-        # group's creation, a collective, lines up.
-        side = dist.new_group()
-        _CURRENT = Processes(
-            dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD, side
-        )
+        # No side group: the caller owns this group and destroys it; a group of ours alive past
+        # that aborts the process at exit. Collectives off the main thread share the group.
+        _CURRENT = Processes(dist.get_rank(), dist.get_world_size(), local_rank)
     return _CURRENT
 
 
@@ -272,7 +272,7 @@ def lost_processes() -> str | None:
 def launcher_info() -> dict[str, Any]:
     """For the manifest: world size, backend and the launcher's settings (one process: the
     world size alone)."""
-    if current().group is None:
+    if current().world_size == 1:
         return {"world_size": 1}
     return {
         "world_size": _CURRENT.world_size,

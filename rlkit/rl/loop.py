@@ -113,7 +113,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             )
 
         # Which policy samples each step (max_steps_off_policy; see rlkit.rl.schedule).
-        schedule = Schedule(cfg.max_steps_off_policy, run.resumed.step, cfg.steps, rollouts)
+        schedule = run.closing(  # stopped when the run ends, crash or not
+            Schedule(cfg.max_steps_off_policy, run.resumed.step, cfg.steps, rollouts)
+        )
         for version in schedule.needed(run.resumed.step):  # a resumed run's older policies
             schedule.add(version, trainer.create_sampling_client(str(run.policy_path(version))))
         sampler = new_policy(run, schedule, run.resumed.step)
@@ -183,7 +185,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 run.write_samples(sample_records(step, groups))
             run.log(metrics)
 
-        schedule.close()
         if run.stopped:
             raise SystemExit(0)  # the checkpoint is written and the resume command printed
         final = run_eval(cfg, sampler, env, tokenizer, params, limits)

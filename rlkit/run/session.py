@@ -57,6 +57,7 @@ class Session:
     _progress: Progress | None = None
     _task: TaskID | None = None
     _lock: RunLock | None = None
+    _closing: list[Any] = field(default_factory=list)
 
     @classmethod
     def open(cls, cfg: DictConfig, run_dir: Path) -> Session:
@@ -221,7 +222,14 @@ class Session:
             self._progress.stop()
             self._progress = None
 
+    def closing(self, thing):
+        """`thing`, whose `close()` runs when the session closes (first), crash or not."""
+        self._closing.append(thing)
+        return thing
+
     def close(self) -> None:
+        for thing in reversed(self._closing):
+            thing.close()
         self._stop_progress()
         self.metrics_out.close()
         self.samples_out.close()
