@@ -89,3 +89,16 @@ def test_sigkill_then_resume_is_bitwise(reference, tmp_path, capsys):
     run_inprocess(run_dir, "resume=auto")
     assert "resuming from" in capsys.readouterr().err
     assert_same_as(reference, run_dir)
+
+
+def test_resuming_with_a_larger_k_names_the_missing_policy(reference, tmp_path):
+    """The checkpoint holds the policies its own K needs; a larger K on resume needs an older
+    one it does not have: one error naming it, before any step runs."""
+    import shutil
+
+    from rlkit.api.errors import RlkitError
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    with pytest.raises(RlkitError, match="policy 3, which samples a step still to run, is missing"):
+        run_inprocess(run_dir, "resume=auto", "max_steps_off_policy=3")

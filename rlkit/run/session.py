@@ -25,6 +25,7 @@ from rich.progress import Progress, TaskID
 
 import rlkit
 import rlkit.client
+from rlkit.api.errors import RlkitError
 from rlkit.run import seeds
 from rlkit.run.checkpoint import Checkpointer, Resumed, take
 from rlkit.run.config import adapter_args, as_callable, engine_args, plain, quant_args
@@ -195,7 +196,7 @@ class Session:
         """Where policy `version` is kept (restored there from the checkpoint on resume)."""
         path = self.checkpoints.policies_dir / f"{version:06d}"
         if not path.is_dir():
-            raise FileNotFoundError(
+            raise RlkitError(
                 f"max_steps_off_policy: policy {version}, which samples a step still to run, is "
                 f"missing from {path} (a checkpoint from a run with a smaller "
                 "max_steps_off_policy?); resume with the run's own max_steps_off_policy"
