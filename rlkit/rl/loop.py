@@ -127,6 +127,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             with timed(metrics, "time/sample"):
                 sampled = schedule.take(step)
                 problems_P, groups = sampled.rollouts
+                for group in groups:
+                    group.version = sampled.version  # the datums' policy version
 
             with timed(metrics, "time/score"):
                 if cfg.kl.coef:  # the reference's logprobs: one forward pass
@@ -179,7 +181,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 metrics["train/loss"] = update.loss
                 metrics |= mismatch_metrics(update.gaps, loss_config.get("tis_cap", 0.0))
             if schedule.k:  # asynchronous: how stale, how far off, how much was hidden
-                metrics |= offpolicy_metrics(step, sampled, update, loss_config)
+                metrics |= offpolicy_metrics(step, sampled, groups, update, loss_config)
             metrics["time/step"] = sum(metrics[f"time/{k}"] for k in PHASES)
             if step % cfg.samples_every == 0:
                 run.write_samples(sample_records(step, groups))
@@ -202,13 +204,15 @@ def new_policy(run: Session, schedule: Schedule, version: int):
     return sampler
 
 
-def offpolicy_metrics(step: int, sampled: Sampled, update, loss_config: dict) -> dict:
-    """Staleness (steps between the sampling policy and the one trained), the importance ratio
-    exp(trainer - sampler) on the trained tokens before the update, the fraction the off-policy
-    masks drop, and the seconds of the step's sampling hidden behind training."""
+def offpolicy_metrics(step: int, sampled: Sampled, groups, update, loss_config: dict) -> dict:
+    """Staleness (steps between the policy that sampled an episode and the one trained, over
+    the step's episodes), the importance ratio exp(trainer - sampler) on the trained tokens
+    before the update, the fraction the off-policy masks drop, and the seconds of the step's
+    sampling hidden behind training."""
+    staleness = [step - g.version for g in groups for _ in g.episodes]
     metrics = {
-        "train/staleness_mean": float(step - sampled.version),
-        "train/staleness_max": step - sampled.version,
+        "train/staleness_mean": sum(staleness) / len(staleness),
+        "train/staleness_max": max(staleness),
         "time/overlap": max(sampled.seconds - sampled.waited, 0.0),
     }
     if update is not None:

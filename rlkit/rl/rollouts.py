@@ -96,11 +96,13 @@ class Outcome:
 
 @dataclass
 class Group:
-    """One problem's rollouts: the prompt and `group_size` episodes from it."""
+    """One problem's rollouts: the prompt and `group_size` episodes from it, and the version of
+    the policy that sampled them (the number of RL steps it had taken)."""
 
     problem: Problem
     prompt: list[int]
     episodes: list[Episode]
+    version: int | None = None
 
     @property
     def completions(self) -> list[str]:
