@@ -10,7 +10,9 @@ How it deviates from textbook GRPO, by default (each is one config line away):
   (`loss.entropy_coef`).
 - Strictly on-policy: one optimizer step per batch of rollouts, so the importance ratio is 1 up
   to sampler/trainer numerics (its drift is logged as `train/logprob_mismatch`);
-  `updates_per_batch` / `minibatches` take several (rlkit.rl.update).
+  `updates_per_batch` / `minibatches` take several (rlkit.rl.update), and
+  `max_steps_off_policy` samples each step with a policy up to K steps old, in the background
+  (rlkit.rl.schedule).
 - Losses are sums over tokens (the API's semantics), not per-sequence means
   (`loss.aggregation`).
 - Groups whose rewards are all equal carry no signal: they are counted and skipped.
@@ -19,8 +21,8 @@ Runs are bitwise reproducible and resumable (`resume=auto`): randomness derives 
 ...) (`rlkit.run.seeds`), and `Session` writes atomic checkpoints every few steps
 (`rlkit.run.checkpoint`). The environment, not the loop, decides whether a completion is correct.
 
-The same code runs under a launcher (`accelerate launch ... -m rlkit`, README "Data
-parallelism"): the client divides each call's work (sampling, forward/backward, and through
+The same code runs under a launcher (`accelerate launch ... -m rlkit`, README "Several
+processes, GPUs and nodes"): the client divides each call's work (sampling, forward/backward, and through
 `map_items` rewards and env steps) and gives the whole result back, and the session writes the
 outputs once. The batch (`groups_per_step` x `group_size`) is the same whatever the launcher.
 """
