@@ -183,6 +183,18 @@ def model_tokens(inputs: dict) -> torch.Tensor:
     return inputs["advantages"] != 0
 
 
+def token_kept(log_ratio: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Where the token mask (IcePop) keeps a token: its ratio exp(log_ratio) in [low, high]."""
+    ratio = log_ratio.exp()
+    return (ratio >= low) & (ratio <= high)
+
+
+def sequence_masked(log_ratio_sum: torch.Tensor, cap: float) -> torch.Tensor:
+    """Where the sequence mask drops a sequence: its ratio exp(log_ratio_sum) outside
+    [1/cap, cap]."""
+    return log_ratio_sum.double().abs() > math.log(cap)
+
+
 def offpolicy_keep(
     log_ratio: torch.Tensor,
     tokens: torch.Tensor,
@@ -194,12 +206,9 @@ def offpolicy_keep(
     module docstring), for one sequence's `log_ratio` and its model `tokens`."""
     keep = torch.ones_like(log_ratio)
     if token_mask_high:
-        ratio = log_ratio.exp()
-        keep = keep * ((ratio >= token_mask_low) & (ratio <= token_mask_high))
-    if seq_mask_cap:
-        total = float((log_ratio * tokens).sum())
-        if abs(total) > math.log(seq_mask_cap):
-            keep = keep * 0.0
+        keep = keep * token_kept(log_ratio, token_mask_low, token_mask_high)
+    if seq_mask_cap and bool(sequence_masked((log_ratio * tokens).sum(), seq_mask_cap)):
+        keep = keep * 0.0
     return keep
 
 

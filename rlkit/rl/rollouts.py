@@ -405,24 +405,19 @@ def average(episodes: list[dict[str, float]], prefix: str) -> dict[str, float]:
 
 def logprob_gaps(datums_D, outputs) -> torch.Tensor:
     """Trainer minus sampler logprob of every trained token (those with an advantage)."""
-    diffs = [torch.zeros(0, dtype=torch.float64)]
+    return gaps_and_sums(datums_D, outputs)[0]
+
+
+def gaps_and_sums(datums_D, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprob_gaps`, and each datum's sum of its gaps: the log of its sequence's importance
+    ratio."""
+    diffs = []
     for datum, out in zip(datums_D, outputs, strict=True):
         mask = datum.loss_fn_inputs["advantages"].to_torch() != 0
         sampler_lp = datum.loss_fn_inputs["logprobs"].to_torch()[mask]
         diffs.append((out["logprobs"].to_torch()[mask] - sampler_lp).double())
-    return torch.cat(diffs)
-
-
-def sequence_gaps(datums_D, outputs) -> torch.Tensor:
-    """Each datum's trainer minus sampler logprob summed over its trained tokens: the log of
-    the sequence's importance ratio."""
-    return torch.tensor(
-        [
-            float(g.sum())
-            for g in (logprob_gaps([d], [o]) for d, o in zip(datums_D, outputs, strict=True))
-        ],
-        dtype=torch.float64,
-    )
+    sums = torch.tensor([float(d.sum()) for d in diffs], dtype=torch.float64)
+    return torch.cat([torch.zeros(0, dtype=torch.float64), *diffs]), sums
 
 
 def ratio_metrics(gaps: torch.Tensor, seq_gaps: torch.Tensor, config: dict) -> dict[str, float]:
@@ -437,10 +432,12 @@ def ratio_metrics(gaps: torch.Tensor, seq_gaps: torch.Tensor, config: dict) -> d
     }
     cap = config.get("seq_mask_cap", 0.0)
     if cap:
-        metrics["train/seq_masked_frac"] = float((seq_gaps.abs() > math.log(cap)).double().mean())
+        masked = losses.sequence_masked(seq_gaps, cap)
+        metrics["train/seq_masked_frac"] = float(masked.double().mean())
     low, high = config.get("token_mask_low", 0.0), config.get("token_mask_high", 0.0)
     if high:
-        metrics["train/token_masked_frac"] = float(((ratio < low) | (ratio > high)).double().mean())
+        kept = losses.token_kept(gaps.double(), low, high)
+        metrics["train/token_masked_frac"] = float((~kept).double().mean())
     return metrics
 
 

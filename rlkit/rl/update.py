@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from rlkit.api import types
-from rlkit.rl.rollouts import logprob_gaps, sequence_gaps
+from rlkit.rl.rollouts import gaps_and_sums
 from rlkit.run import seeds
 
 AGGREGATIONS = ("token_sum", "token_mean", "sequence_mean", "constant")
@@ -79,7 +79,7 @@ def policy_update(
     gaps = seq_gaps = None
     if n_steps > 1 and datums_D:
         before = trainer.forward(datums_D, loss_name, loss_config).result().loss_fn_outputs
-        gaps, seq_gaps = logprob_gaps(datums_D, before), sequence_gaps(datums_D, before)
+        gaps, seq_gaps = gaps_and_sums(datums_D, before)
         datums_D = [
             _with(d, old_logprobs=o["logprobs"].to_torch())
             for d, o in zip(datums_D, before, strict=True)
@@ -100,8 +100,7 @@ def policy_update(
                 result = out.result()
                 loss = result.metrics["loss:sum"]
                 if gaps is None:
-                    gaps = logprob_gaps(mine, result.loss_fn_outputs)
-                    seq_gaps = sequence_gaps(mine, result.loss_fn_outputs)
+                    gaps, seq_gaps = gaps_and_sums(mine, result.loss_fn_outputs)
     return UpdateResult(loss, gaps, sum(norms) / len(norms), len(norms), seq_gaps)
 
 
