@@ -112,7 +112,12 @@ class Processes:
         naming the operation (PeerLostError)."""
         start, stop = self.split([1.0] * len(items))
         mine = [fn(x) for x in items[start:stop]]
-        return [r for block in self.all_gather(mine, what) for r in block]
+        return self.concat(mine, what)
+
+    def concat(self, block: list, what: str = "gather") -> list:
+        """Every process's `block`, joined in rank order, on every process (the whole list,
+        when each process computed its `split` block of it)."""
+        return [item for part in self.all_gather(block, what) for item in part]
 
     def broadcast(self, obj: Any = None, what: str = "broadcast") -> Any:
         """The main process's `obj`, on every process."""

@@ -153,7 +153,7 @@ class Learner:
                         out[i] = TensorData.from_torch(lp.float().cpu())
         finally:
             self.model.train(training)
-        return [o for block in self.processes.all_gather(out, "reference logprobs") for o in block]
+        return self.processes.concat(out, "reference logprobs")
 
     @torch.no_grad()
     def snapshot_of(self, path: Path) -> Snapshot:
@@ -341,7 +341,7 @@ class Learner:
                 self.sync(key, snapshot)
                 results += self._engine().sample([request for _, _, request in run])
         self.local_counts["sampled_tokens"] += sum(len(s.tokens) for r in results for s in r)
-        return [r for block in self.processes.all_gather(results, "sampled results") for r in block]
+        return self.processes.concat(results, "sampled results")
 
     def prompt_logprobs(self, key: int, snapshot: Snapshot, prompt: list[int]):
         if len(prompt) < 2:

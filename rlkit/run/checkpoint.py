@@ -200,9 +200,8 @@ class Checkpointer:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
         k = self.cfg.get("max_steps_off_policy", 0)
         for version in range(max(0, step - k), step) if k and warmup is None else []:
-            shutil.copytree(
-                self.policies_dir / f"{version:06d}", tmp / "policies" / f"{version:06d}"
-            )
+            source = self.policy_dir(version)
+            shutil.copytree(source, tmp / "policies" / source.name)
         (tmp / "outputs").mkdir()
         for file in OUTPUT_FILES:
             if (self.run_dir / file).exists():
@@ -277,6 +276,9 @@ class Checkpointer:
         """Asynchronous RL's policies that later steps are sampled by (`Session.keep_policy`):
         a checkpoint copies those its next steps need, and resume puts them back here."""
         return self.dir / "policies"
+
+    def policy_dir(self, version: int) -> Path:
+        return self.policies_dir / f"{version:06d}"
 
     def _fresh(self) -> Resumed:
         shutil.rmtree(self.policies_dir, ignore_errors=True)

@@ -172,8 +172,7 @@ class Session:
         """The adapter as it is now, written to `dest` (by the main process); every process
         returns once it is there."""
         if self.processes.is_main:
-            saved = self.trainer.save_weights_for_sampler(name).result().path
-            take(saved, dest, self.checkpoints.dir)
+            self._write_adapter(name, dest)
         self.processes.barrier(f"{name} saved")
 
     def keep_policy(self, version: int, needed: range) -> None:
@@ -184,17 +183,15 @@ class Session:
             return
         live = self.checkpoints.policies_dir
         live.mkdir(parents=True, exist_ok=True)
-        dest = live / f"{version:06d}"
-        if not dest.exists():
-            saved = self.trainer.save_weights_for_sampler(f"policy_{version:06d}").result().path
-            take(saved, dest, self.checkpoints.dir)
+        if not self.checkpoints.policy_dir(version).exists():
+            self._write_adapter(f"policy_{version:06d}", self.checkpoints.policy_dir(version))
         for old in sorted(live.iterdir()):
             if old.name.isdigit() and int(old.name) not in needed:
                 shutil.rmtree(old, ignore_errors=True)
 
     def policy_path(self, version: int) -> Path:
         """Where policy `version` is kept (restored there from the checkpoint on resume)."""
-        path = self.checkpoints.policies_dir / f"{version:06d}"
+        path = self.checkpoints.policy_dir(version)
         if not path.is_dir():
             raise RlkitError(
                 f"max_steps_off_policy: policy {version}, which samples a step still to run, is "
@@ -202,6 +199,12 @@ class Session:
                 "max_steps_off_policy?); resume with the run's own max_steps_off_policy"
             )
         return path
+
+    def _write_adapter(self, name: str, dest: Path) -> None:
+        """The trainer's adapter as it is now, saved for sampling and moved to `dest` (only
+        `dest` is left: the client's own folders under checkpoints/ are removed)."""
+        saved = self.trainer.save_weights_for_sampler(name).result().path
+        take(saved, dest, self.checkpoints.dir)
 
     def write_samples(self, records: list[dict]) -> None:
         for record in records:
@@ -213,8 +216,7 @@ class Session:
         self._stop_progress()
         if not self.processes.is_main:
             return {}
-        adapter = self.trainer.save_weights_for_sampler("final").result().path
-        take(adapter, self.run_dir / "adapter", self.checkpoints.dir)
+        self._write_adapter("final", self.run_dir / "adapter")
         plot_curves(self.history, self.run_dir / "curves.png", title=str(self.run_dir.name))
         return summarize(self.history, self.run_dir)
 
