@@ -20,45 +20,15 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(recipe: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    out = open(log, "w")  # noqa: SIM115 - the server owns it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlkit.serve", f"recipe={recipe}", *extra]
-        + ["--", "--port", str(port)],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            urllib.request.urlopen(url + "/v1/models", timeout=5).read()
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit(
-                    "the vLLM server did not start:\n" + log.read_text()[-3000:]
-                ) from None
-            time.sleep(1)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_server_sync import start_server  # noqa: E402
 
 
 def run(recipe: str, k: int, seed: int, engine: list[str], run_dir: Path) -> dict:
@@ -105,7 +75,9 @@ def main() -> None:
         server = None
         engine = [f"engine={engine_name}", *args.overrides]
         if engine_name == "vllm_server":
-            server, url = start_server(args.recipe, args.overrides, out / "server.log")
+            server, url = start_server(
+                [f"recipe={args.recipe}", *args.overrides], out / "server.log"
+            )
             engine.append(f"engine.url={url}")
         try:
             for seed in [int(s) for s in args.seeds.split(",")]:

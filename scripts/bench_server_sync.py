@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import rlkit
 from rlkit.api import types
@@ -31,24 +32,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, rank: int) -> tuple[subprocess.Popen, str]:
+def start_server(overrides: list[str], log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`python -m rlkit.serve OVERRIDES` on a free local port, its output to `log` (or nowhere);
+    returns once it answers, with its URL."""
     port = free_port()
-    config_name = model.replace("-", "_")
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the server owns it
     process = subprocess.Popen(
-        [sys.executable, "-m", "rlkit.serve", f"model={config_name}", f"adapter.rank={rank}"]
-        + ["--", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "rlkit.serve", *overrides, "--", "--port", str(port)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    deadline = time.monotonic() + 600
+    while True:
         try:
             urllib.request.urlopen(url + "/v1/models", timeout=5).read()
             return process, url
         except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                tail = log.read_text()[-3000:] if log else ""
+                sys.exit(f"the vLLM server did not start\n{tail}")
             time.sleep(0.5)
-    sys.exit("the server did not start")
 
 
 def main() -> None:
@@ -58,7 +64,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     os.environ.setdefault("RLKIT_CACHE_DIR", tempfile.mkdtemp())
-    server, url = start_server(args.model, args.rank)
+    server, url = start_server(
+        [f"model={args.model.replace('-', '_')}", f"adapter.rank={args.rank}"]
+    )
     try:
         engines = {"vllm": {}, "vllm_server": {"url": url}}
         trainers = {
