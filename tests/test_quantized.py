@@ -49,7 +49,9 @@ def step(trainer, data) -> float:
 
 
 def adapter_tensors(trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer._learner.params.items()}
+    # Named as peft saves them (clients on one base have adapters of different names).
+    name = f".{trainer._learner.adapter_name}."
+    return {n.replace(name, "."): p.detach().clone() for n, p in trainer._learner.params.items()}
 
 
 @pytest.mark.parametrize("combo", sorted(COMBOS))

@@ -22,10 +22,12 @@ MLP_MARKERS = ("mlp", "feed_forward", "ffn")
 def target_modules(model: PreTrainedModel, spec: AdapterSpec) -> list[str]:
     """Names of the linear layers to adapt, chosen by their role in the network."""
     unembed = model.get_output_embeddings()
+    unembed = getattr(unembed, "base_layer", unembed)  # a model that has adapters already
     names: set[str] = set()
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
+        if not isinstance(module, torch.nn.Linear) or ".lora_" in name:
             continue
+        name = name.removesuffix(".base_layer")  # an adapted layer: the layer it wraps
         leaf = name.rsplit(".", 1)[-1]
         path = name.lower()
         if module is unembed:
@@ -44,6 +46,18 @@ def target_modules(model: PreTrainedModel, spec: AdapterSpec) -> list[str]:
 
 
 def attach(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
+    """`model` with a fresh adapter named "default", initialised from `spec.seed`."""
+    return _seeded(lambda config: get_peft_model(model, config), model, spec)
+
+
+def add(peft_model: PeftModel, spec: AdapterSpec, name: str) -> None:
+    """One more adapter, `name`, on a model that has some: the same initial weights as
+    `attach` gives for `spec` (the same layers, drawn in the same order from the same seed)."""
+    _seeded(lambda config: peft_model.add_adapter(name, config), peft_model.get_base_model(), spec)
+    _sorted_sets(peft_model)
+
+
+def _seeded(make, model: PreTrainedModel, spec: AdapterSpec):
     config = LoraConfig(
         r=int(spec.rank),
         lora_alpha=spec.alpha,
@@ -60,14 +74,19 @@ def attach(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
         # the shared weight (the hf engine's copy and rlkit.export untie it first).
         warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
         torch.manual_seed(spec.seed)
-        peft_model = get_peft_model(model, config)
+        peft_model = make(config)
+    if peft_model is not None:
+        _sorted_sets(peft_model)
+    return peft_model
+
+
+def _sorted_sets(peft_model: PeftModel) -> None:
     # peft keeps target_modules as a set and writes it to adapter_config.json in hash order, a
     # different one in every process: sorted lists make the file the same in every run.
     for adapter_config in peft_model.peft_config.values():
         for key, value in vars(adapter_config).items():
             if isinstance(value, set):
                 setattr(adapter_config, key, sorted(value))
-    return peft_model
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

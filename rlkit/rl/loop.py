@@ -58,7 +58,7 @@ from rlkit.run import seeds
 from rlkit.run.checkpoint import stop_on_signals
 from rlkit.run.config import adam_params, as_callable, loss_fn_config
 from rlkit.run.outputs import timed
-from rlkit.run.session import Session
+from rlkit.run.session import Arm, Session
 
 # Training metrics of a step; null on a step where every group was skipped (nothing trained).
 TRAIN_KEYS = (
@@ -74,7 +74,7 @@ PHASES = ("sample", "score", "train", "sync")
 
 
 @stop_on_signals  # Ctrl-C / SIGTERM: finish the step, write a checkpoint, exit 0
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+def train(cfg: DictConfig, run_dir: Path, arm: Arm | None = None) -> dict[str, float]:
     env = check_env(as_callable(cfg.env, "env"))
     rewards = build_rewards(cfg.reward)
     advantage_fn = as_callable(cfg.advantage, "advantage")
@@ -83,7 +83,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     params = types.SamplingParams(
         max_tokens=cfg.max_tokens, temperature=cfg.temperature, stop=list(cfg.stop) or None
     )
-    with Session.open(cfg, run_dir) as run:  # clients, outputs, checkpoints; resumes if asked
+    with Session.open(cfg, run_dir, arm) as run:  # clients, outputs, checkpoints; resumes if asked
         trainer, tokenizer = run.trainer, run.trainer.get_tokenizer()
         # Episodes end where the model's context is full; users' code runs under a time limit.
         limits = Limits(trainer.get_info().max_context_length, cfg.plugin_timeout_s)

@@ -558,10 +558,16 @@ def _fsync(path: Path) -> None:
 
 
 def _fault_point(name: str, signum: int = signal.SIGKILL) -> None:
-    if os.environ.get("RLKIT_FAULT") == name:
+    """Fire fault `name` if RLKIT_FAULT asks for it: once per process (the arms of a sweep in
+    one process each pass the same points)."""
+    if os.environ.get("RLKIT_FAULT") == name and name not in _FIRED:
+        _FIRED.add(name)
         what = signal.Signals(signum).name
         print(f"RLKIT_FAULT {name}: {what} at {time.time():.3f}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signum)
+
+
+_FIRED: set[str] = set()
 
 
 # ---- graceful stop --------------------------------------------------------------------------------

@@ -127,6 +127,7 @@ def build_manifest(
     engine: str,
     resumed_from: dict | None = None,
     processes: dict | None = None,
+    sweep: dict | None = None,
 ) -> dict:
     import rlkit
     from rlkit.run.config import plain
@@ -142,6 +143,8 @@ def build_manifest(
         "engine": engine,
         # World size, backend and launcher settings of a data-parallel run; one process: 1.
         "processes": processes or {"world_size": 1},
+        # A sweep arm trained beside others on one base (hydra/launcher=adapters): which one.
+        "sweep": sweep,
         "determinism": determinism_state(cfg, dtype),
         "env": {name: os.environ.get(name) for name in KERNEL_ENV_VARS},
         "resumed_from": resumed_from,
@@ -159,11 +162,12 @@ def write_manifest(
     resumed_from: dict | None = None,
     segment_start: int = 0,
     processes: dict | None = None,
+    sweep: dict | None = None,
 ) -> Path:
     """`manifest.json`, the newest segment's, and `manifests/step_NNNNNN.json` for the segment
     that starts at RL step NNNNNN: a run resumed with another config or on another machine keeps
     the record of each of its parts (a fresh start clears earlier ones)."""
-    manifest = build_manifest(cfg, device, dtype, engine, resumed_from, processes)
+    manifest = build_manifest(cfg, device, dtype, engine, resumed_from, processes, sweep)
     text = json.dumps(manifest, indent=2, sort_keys=True)
     segments = Path(run_dir) / "manifests"
     if segment_start == 0 and resumed_from is None:

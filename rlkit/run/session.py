@@ -9,6 +9,10 @@ summary. Used as a context manager, it closes every output on the way out, crash
 With several processes (a launcher's), every process opens a session and runs the same loop;
 only the main one writes outputs, the manifest and checkpoints, and shows progress. The others
 log nothing. The loop never asks which process it is in: that is this file's business.
+
+A run can also be one arm of a sweep trained beside the others as adapters on one base model
+(`hydra/launcher=adapters`, rlkit.run.arms): its `Arm` says whose base models to share and where
+to show progress; everything else is the run's own.
 """
 
 from __future__ import annotations
@@ -41,6 +45,21 @@ from rlkit.run.outputs import (
 from rlkit.run.rundir import RunLock
 
 
+@dataclass(frozen=True)
+class Arm:
+    """This run is arm `index` of `arms` trained together as adapters on one base."""
+
+    index: int
+    arms: int
+    # The client whose base models every arm's client shares.
+    service: rlkit.ServiceClient
+    # The sweep's one progress display (one task per arm and phase).
+    display: Progress
+
+    def manifest(self) -> dict:
+        return {"launcher": "adapters", "arms": self.arms, "arm": self.index}
+
+
 @dataclass
 class Session:
     cfg: DictConfig
@@ -59,9 +78,10 @@ class Session:
     _task: TaskID | None = None
     _lock: RunLock | None = None
     _closing: list[Any] = field(default_factory=list)
+    arm: Arm | None = None
 
     @classmethod
-    def open(cls, cfg: DictConfig, run_dir: Path) -> Session:
+    def open(cls, cfg: DictConfig, run_dir: Path, arm: Arm | None = None) -> Session:
         run_dir = Path(run_dir)
         processes = rlkit.client.Launch.join(cfg.distributed.timeout_s)
         main = processes.is_main
@@ -69,14 +89,14 @@ class Session:
         # One run at a time in a run dir: held until the session closes.
         lock = RunLock(run_dir) if main else None
         try:
-            return cls._open(cfg, run_dir, processes, lock)
+            return cls._open(cfg, run_dir, processes, lock, arm)
         except BaseException:
             if lock is not None:
                 lock.release()
             raise
 
     @classmethod
-    def _open(cls, cfg, run_dir: Path, processes, lock: RunLock | None) -> Session:
+    def _open(cls, cfg, run_dir: Path, processes, lock: RunLock | None, arm) -> Session:
         main = processes.is_main
         console.quiet = not main  # every process runs the loop: one of them speaks
         # Refuses a used run dir unless resume=auto.
@@ -91,6 +111,7 @@ class Session:
             dtype=None if cfg.model.dtype == "auto" else str(cfg.model.dtype),
             checkpoint_dir=run_dir / "checkpoints",
             share_prefix=cfg.model.share_prefix,
+            shares_with=arm.service if arm else None,
             **engine_args(cfg.engine),
         )
         trainer = service.create_lora_training_client(
@@ -110,6 +131,7 @@ class Session:
                 checkpoints.resumed_from,
                 segment_start=resumed.step,
                 processes=processes.info(),
+                sweep=arm.manifest() if arm else None,
             )
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         return cls(
@@ -125,6 +147,7 @@ class Session:
             processes,
             history=resumed.history,
             _lock=lock,
+            arm=arm,
         )
 
     @property
@@ -140,10 +163,13 @@ class Session:
         """The RL steps still to run, from the resumed one. Before each step, and after the
         last, a checkpoint is written when due; after Ctrl-C / SIGTERM the steps end there."""
         if self.processes.is_main:
-            self._progress = progress_bar()
-            self._progress.start()
+            if self.arm is None:
+                self._progress = progress_bar()
+                self._progress.start()
+            else:
+                self._progress = self.arm.display
             self._task = self._progress.add_task(
-                "RL", total=self.cfg.steps, completed=self.resumed.step, status=""
+                self._label("RL"), total=self.cfg.steps, completed=self.resumed.step, status=""
             )
         for step in range(self.resumed.step, self.cfg.steps):
             if self.checkpoints.reached(step):
@@ -165,8 +191,14 @@ class Session:
             self._progress.update(self._task, completed=done, status=self._status())
 
     def progress(self) -> Progress:
-        """A progress bar, shown by the main process (a silent one elsewhere)."""
+        """A progress bar, shown by the main process (a silent one elsewhere); a sweep arm's
+        tasks go to the sweep's display."""
+        if self.arm is not None:
+            return _Tasks(self.arm.display, self._label(""))
         return progress_bar(show=self.processes.is_main)
+
+    def _label(self, what: str) -> str:
+        return f"arm {self.arm.index} {what}".strip() if self.arm else what
 
     def keep_adapter(self, name: str, dest: Path) -> None:
         """The adapter as it is now, written to `dest` (by the main process); every process
@@ -221,9 +253,9 @@ class Session:
         return summarize(self.history, self.run_dir)
 
     def _stop_progress(self) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self.arm is None:  # an arm's is the sweep's
             self._progress.stop()
-            self._progress = None
+        self._progress = None
 
     def closing(self, thing):
         """`thing`, whose `close()` runs when the session closes (first), crash or not."""
@@ -257,6 +289,25 @@ class Session:
             f"eval acc {evals[-1]:.2f}" if evals else "",
         ]
         return "  ".join(p for p in parts if p)
+
+
+class _Tasks:
+    """Tasks on a display someone else started and stops: `with` adds nothing, ends nothing."""
+
+    def __init__(self, display: Progress, label: str) -> None:
+        self.display, self.label = display, label
+
+    def __enter__(self) -> _Tasks:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def add_task(self, description: str, **kwargs) -> TaskID:
+        return self.display.add_task(f"{self.label} {description}", **kwargs)
+
+    def update(self, task: TaskID, **kwargs) -> None:
+        self.display.update(task, **kwargs)
 
 
 def summarize(history: list[dict], run_dir: Path) -> dict[str, float | None]:

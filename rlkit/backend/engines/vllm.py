@@ -141,10 +141,11 @@ def shutdown() -> None:
         llm.llm_engine.engine_core.shutdown()
 
 
-def peft_tensors(snapshot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Trainable parameter names -> the names peft writes in adapter_model.safetensors."""
+def peft_tensors(snapshot: dict[str, torch.Tensor], adapter: str) -> dict[str, torch.Tensor]:
+    """Trainable parameter names (of adapter `adapter`) -> the names peft writes in
+    adapter_model.safetensors."""
     return {
-        name.replace(".default.", "."): t.detach().to("cpu").contiguous()
+        name.replace(f".{adapter}.", "."): t.detach().to("cpu").contiguous()
         for name, t in snapshot.items()
     }
 
@@ -267,13 +268,14 @@ class VLLMEngine:
         self._eos = self.llm.get_tokenizer().eos_token_id
         self.loaded_key: int | None = None
         self._request = None
+        self.adapter = peft_model.active_adapter  # the learner's, among those on its base
         if self.merged:
             self._merger = Merger(peft_model)
             return
         shm = Path("/dev/shm")
         self.dir = Path(tempfile.mkdtemp(prefix="rlkit-lora-", dir=shm if shm.is_dir() else None))
         atexit.register(shutil.rmtree, self.dir, True)
-        peft_model.peft_config["default"].save_pretrained(str(self.dir))
+        peft_model.peft_config[self.adapter].save_pretrained(str(self.dir))
 
     def load(self, key: int, snapshot: dict[str, torch.Tensor]) -> None:
         if key == self.loaded_key:
@@ -283,7 +285,9 @@ class VLLMEngine:
             weights = self._merger.weights(snapshot)
             self.llm.collective_rpc(_reload, args=(weights,))
         else:
-            save_file(peft_tensors(snapshot), str(self.dir / "adapter_model.safetensors"))
+            save_file(
+                peft_tensors(snapshot, self.adapter), str(self.dir / "adapter_model.safetensors")
+            )
             name = f"rlkit-{self.lora_id}"
             self.llm.llm_engine.add_lora(
                 self._LoRARequest(name, self.lora_id, str(self.dir), load_inplace=True)
@@ -354,6 +358,7 @@ class Merger:
     def __init__(self, peft_model) -> None:
         from peft.tuners.lora import LoraLayer
 
+        self.adapter = peft_model.active_adapter
         self.layers = {}
         for name, module in peft_model.named_modules():
             if isinstance(module, LoraLayer):
@@ -364,10 +369,10 @@ class Merger:
     def weights(self, snapshot: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
         out = []
         for name, (checkpoint, layer) in self.layers.items():
-            a = snapshot[f"{name}.lora_A.default.weight"]
-            b = snapshot[f"{name}.lora_B.default.weight"]
+            a = snapshot[f"{name}.lora_A.{self.adapter}.weight"]
+            b = snapshot[f"{name}.lora_B.{self.adapter}.weight"]
             base = layer.get_base_layer().weight
-            delta = (b.to(torch.float32) @ a.to(torch.float32)) * layer.scaling["default"]
+            delta = (b.to(torch.float32) @ a.to(torch.float32)) * layer.scaling[self.adapter]
             if getattr(layer, "fan_in_fan_out", False):  # weights stored (in, out), as GPT-2's
                 delta = delta.T
             out.append((checkpoint, (base.to(torch.float32) + delta).to(base.dtype)))

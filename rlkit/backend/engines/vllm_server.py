@@ -93,7 +93,8 @@ class VLLMServerEngine:
             Path(root).mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.lora_name}-", dir=root))
         atexit.register(shutil.rmtree, self.dir, True)
-        peft_model.peft_config["default"].save_pretrained(str(self.dir))
+        self.adapter = peft_model.active_adapter  # the learner's, among those on its base
+        peft_model.peft_config[self.adapter].save_pretrained(str(self.dir))
         self._pool = ThreadPoolExecutor(self.options.max_concurrency)
         self._registered = False  # the server has an adapter under our name
         self.loaded_key: int | None = None
@@ -164,7 +165,7 @@ class VLLMServerEngine:
         if key == self.loaded_key:
             return
         self.loaded_key = None  # stays unset if anything below fails
-        save_file(peft_tensors(snapshot), str(self.dir / "adapter_model.safetensors"))
+        save_file(peft_tensors(snapshot, self.adapter), str(self.dir / "adapter_model.safetensors"))
         name = {"lora_name": self.lora_name}
         if self._registered:
             self._call("/v1/unload_lora_adapter", name, "unloading the previous adapter")

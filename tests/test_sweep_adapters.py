@@ -1,0 +1,162 @@
+"""`hydra/launcher=adapters`: a sweep's arms trained together as adapters on one base model,
+each bitwise what it is under Hydra's basic launcher; refused sweeps; stop and resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from rlkit.run.arms import SweepError, check_arms, check_shared
+from rlkit.run.config import compose
+
+# Two arms of a shortened pair_sum run on the tiny model.
+FAST = [
+    "recipe=pair_sum",
+    "model=rlkit_tiny",
+    "adapter.rank=4",
+    "warmup.steps=3",
+    "warmup.batch_size=4",
+    "steps=4",
+    "groups_per_step=2",
+    "group_size=4",
+    "max_tokens=12",
+    "env.eval_size=4",
+    "eval_every=2",
+    "checkpoint.every=2",
+    # Length varies even when answers are all wrong, so RL steps have a signal.
+    "reward=[format,correct,concise]",
+    "reward.concise.only_correct=false",
+]
+SWEEP = ["-m", *FAST, "seed=0,1", "optim.lr=3e-4"]
+ADAPTERS = ["hydra/launcher=adapters", "hydra.launcher.arms=2"]
+
+
+def cli(args, cwd, env=None, check=True):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlkit", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rlkit {args} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def bitwise(a, b) -> bool:
+    done = subprocess.run(
+        [sys.executable, "-m", "rlkit.repro", "compare", str(a), str(b)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return "bitwise equal" in done.stdout
+
+
+@pytest.mark.slow
+def test_arms_as_adapters_equal_the_basic_launchers_runs_bitwise(tmp_path):
+    adapters, again, basic = tmp_path / "adapters", tmp_path / "again", tmp_path / "basic"
+    proc = cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={adapters}"], cwd=tmp_path)
+    cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={again}"], cwd=tmp_path)
+    cli([*SWEEP, f"hydra.sweep.dir={basic}"], cwd=tmp_path)
+    for arm in ("0", "1"):
+        assert bitwise(adapters / arm, basic / arm), arm  # as if each ran alone
+        assert bitwise(adapters / arm, again / arm), arm  # and again, the same bits
+        manifest = json.loads((adapters / arm / "manifest.json").read_text())
+        assert manifest["sweep"] == {"launcher": "adapters", "arms": 2, "arm": int(arm)}
+        assert (adapters / arm / "adapter" / "adapter_model.safetensors").is_file()
+        assert (adapters / arm / ".hydra" / "overrides.yaml").is_file()
+    # The arms differ (seeds): not one run written twice.
+    assert not bitwise(adapters / "0", adapters / "1")
+    assert (adapters / "sweep_summary.md").read_text().count("seed=") == 2
+    assert (adapters / "sweep_curves.png").stat().st_size > 1000
+    assert "sweep summary" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_sigkilled_sweep_resumes_every_arm_exactly(tmp_path):
+    reference, sweep = tmp_path / "reference", tmp_path / "sweep"
+    cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={reference}"], cwd=tmp_path)
+    # Killed halfway through writing the checkpoint of step 2 (by whichever arm gets there
+    # first): the process dies with every arm wherever it was.
+    killed = cli(
+        [*SWEEP, *ADAPTERS, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        env={"RLKIT_FAULT": "kill-in-checkpoint:2"},
+        check=False,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (sweep / "0" / "summary.json").exists()
+    cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={sweep}", "resume=auto"], cwd=tmp_path)
+    for arm in ("0", "1"):
+        assert bitwise(sweep / arm, reference / arm), arm
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_arm_with_a_checkpoint_and_resume_finishes_them(tmp_path):
+    reference, sweep = tmp_path / "reference", tmp_path / "sweep"
+    cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={reference}"], cwd=tmp_path)
+    # SIGTERM (sent by the process itself after an arm's 2nd warm-start step): every arm
+    # finishes what it is doing, writes a checkpoint and stops; the sweep exits 0.
+    stopped = cli(
+        [*SWEEP, *ADAPTERS, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        env={"RLKIT_FAULT": "sigterm-in-warmup:2"},
+    )
+    assert "sweep stopped" in stopped.stdout + stopped.stderr
+    assert "resume=auto" in stopped.stdout + stopped.stderr
+    for arm in ("0", "1"):
+        assert (sweep / arm / "checkpoints" / "latest").exists(), arm
+        assert not (sweep / arm / "summary.json").exists()
+    cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={sweep}", "resume=auto"], cwd=tmp_path)
+    for arm in ("0", "1"):
+        assert bitwise(sweep / arm, reference / arm), arm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "swept, key",
+    [
+        ("model.base_model=rlkit-tiny,rlkit-small", "model.base_model"),
+        ("engine=hf,vllm", "engine._target_"),
+        ("model.dtype=float32,bfloat16", "model.dtype"),
+    ],
+)
+def test_arms_that_cannot_share_a_base_are_refused_naming_the_key(tmp_path, swept, key):
+    sweep = tmp_path / "sweep"
+    proc = cli([*SWEEP, swept, *ADAPTERS, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert f"differ in {key}" in lines[0] and "hydra/launcher=basic" in lines[0]
+    assert not list(sweep.glob("*/metrics.jsonl"))  # nothing ran
+
+
+@pytest.mark.slow
+def test_fewer_than_one_arm_at_a_time_is_refused(tmp_path):
+    proc = cli(
+        [*SWEEP, "hydra/launcher=adapters", "hydra.launcher.arms=0"], cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 1
+    assert "hydra.launcher.arms must be a whole number >= 1" in proc.stderr, proc.stderr
+
+
+def test_check_arms_and_check_shared():
+    assert check_arms(3) == 3
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(SweepError, match="hydra.launcher.arms"):
+            check_arms(bad)
+    a = compose(["recipe=pair_sum", "seed=0", "optim.lr=1e-3", "adapter.rank=8"])
+    b = compose(["recipe=pair_sum", "seed=1", "optim.lr=1e-4", "adapter.rank=4", "steps=3"])
+    check_shared([a, b], ["a", "b"])  # what an adapter can differ in
+    c = OmegaConf.merge(b, {"determinism": {"num_threads": 1}})
+    with pytest.raises(SweepError, match=r"differ in determinism.num_threads \(0 vs 1\)"):
+        check_shared([a, b, c], ["a", "b", "c"])
+    d = OmegaConf.merge(b, {"max_steps_off_policy": 2})
+    with pytest.raises(SweepError, match="arm 'd' has max_steps_off_policy=2"):
+        check_shared([a, d], ["a", "d"])
