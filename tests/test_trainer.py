@@ -473,7 +473,12 @@ def test_recipes_work_from_an_installed_wheel(tmp_path):
     assert (site / "rlkit" / "conf" / "config.yaml").exists()
     assert (site / "rlkit" / "recipes" / "pair_sum.yaml").exists()
     assert (site / "rlkit" / "data" / "word_problems" / "train.jsonl").exists()  # builtin:
-    assert sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info")) == ["rlkit"]
+    # Beside the package, only rlkit's Hydra launcher (Hydra finds plugins in hydra_plugins).
+    assert sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info")) == [
+        "hydra_plugins",
+        "rlkit",
+    ]
+    assert (site / "hydra_plugins" / "rlkit_launcher" / "adapters.py").exists()
     env = {**os.environ, "PYTHONPATH": str(site)}
     where = subprocess.run(
         [sys.executable, "-c", "import rlkit; print(rlkit.__file__)"],
@@ -488,6 +493,13 @@ def test_recipes_work_from_an_installed_wheel(tmp_path):
     assert "base_model: rlkit-small" in out
     help_text = cli(["--help"], cwd=tmp_path, extra_env=env).stdout
     assert re.search(r"^recipe: .*\bpair_sum\b", help_text, re.M), help_text
+    # The launcher is found from the wheel too: `--cfg hydra` shows it composed.
+    hydra_cfg = cli(
+        ["recipe=pair_sum", "hydra/launcher=adapters", "--cfg", "hydra"],
+        cwd=tmp_path,
+        extra_env=env,
+    ).stdout
+    assert "hydra_plugins.rlkit_launcher.adapters.AdaptersLauncher" in hydra_cfg
 
 
 def test_algorithm_options_run_end_to_end_and_reproduce_bitwise(tmp_path):
