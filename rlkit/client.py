@@ -220,8 +220,7 @@ class _Worker:
             with lock:
                 return fn(*args, **kwargs)
 
-        thread = self.learner.shared.thread()
-        return run() if thread is None else thread.call(run)
+        return self.learner.shared.run(run)
 
     def queue_sample(
         self, key: int, snapshot: Snapshot, request: Request, with_prompt_logprobs: bool
@@ -243,12 +242,8 @@ class _Worker:
             return
         try:
             batch = [(key, snap, req) for key, snap, req, _, _ in queued]
-            thread = self.learner.shared.thread()
-            results = (
-                self.learner.sample(batch, self._engine_lock)
-                if thread is None
-                else thread.call(self.learner.sample, batch, self._engine_lock)
-            )
+            # The engine lock is the sampler's to take: not held while processes exchange.
+            results = self.learner.shared.run(self.learner.sample, batch, self._engine_lock)
         except Exception as exc:
             for *_, future in queued:
                 future.set_exception(exc)
@@ -377,8 +372,7 @@ class ServiceClient:
         # Built in the thread its work will run in. Measured on 2 CPU cores: a model built in
         # one thread and trained in another took 1.5x longer per step (cause not pinned down;
         # one NUMA node here).
-        thread = shared.thread()
-        return make() if thread is None else thread.call(make)
+        return shared.run(make)
 
     def create_lora_training_client(
         self,

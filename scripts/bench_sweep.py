@@ -46,12 +46,10 @@ def final_accuracy(run_dir: Path) -> float | None:
 
 
 def bitwise(a: Path, b: Path) -> bool:
-    done = subprocess.run(
-        [sys.executable, "-m", "rlkit.repro", "compare", str(a), str(b)],
-        capture_output=True,
-        text=True,
-    )
-    return "bitwise equal" in done.stdout
+    """metrics.jsonl and adapter/ identical (`python -m rlkit.repro compare`)."""
+    from rlkit.run import compare
+
+    return compare.compare(a, b).equal
 
 
 def main() -> None:

@@ -2,13 +2,12 @@
 each bitwise what it is under Hydra's basic launcher; refused sweeps; stop and resume."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
+from test_trainer import cli
 
+from rlkit.run import compare
 from rlkit.run.arms import SweepError, check_arms, check_shared
 from rlkit.run.config import compose
 
@@ -32,39 +31,36 @@ FAST = [
 ]
 SWEEP = ["-m", *FAST, "seed=0,1", "optim.lr=3e-4"]
 ADAPTERS = ["hydra/launcher=adapters", "hydra.launcher.arms=2"]
-
-
-def cli(args, cwd, env=None, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlkit", *args],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"rlkit {args} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
+ARMS = ("0", "1")
 
 
 def bitwise(a, b) -> bool:
-    done = subprocess.run(
-        [sys.executable, "-m", "rlkit.repro", "compare", str(a), str(b)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return "bitwise equal" in done.stdout
+    """metrics.jsonl and adapter/ identical (what `python -m rlkit.repro compare` checks)."""
+    return compare.compare(a, b).equal
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The sweep under the adapters launcher, uninterrupted: its dir and its process."""
+    root = tmp_path_factory.mktemp("reference")
+    proc = cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={root / 'sweep'}"], cwd=root)
+    return root / "sweep", proc
+
+
+def resume_matches(tmp_path, sweep, reference) -> None:
+    """`resume=auto` finishes every arm of `sweep`, bitwise as the uninterrupted sweep."""
+    cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={sweep}", "resume=auto"], cwd=tmp_path)
+    for arm in ARMS:
+        assert bitwise(sweep / arm, reference / arm), arm
 
 
 @pytest.mark.slow
-def test_arms_as_adapters_equal_the_basic_launchers_runs_bitwise(tmp_path):
-    adapters, again, basic = tmp_path / "adapters", tmp_path / "again", tmp_path / "basic"
-    proc = cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={adapters}"], cwd=tmp_path)
+def test_arms_as_adapters_equal_the_basic_launchers_runs_bitwise(tmp_path, reference):
+    adapters, proc = reference
+    again, basic = tmp_path / "again", tmp_path / "basic"
     cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={again}"], cwd=tmp_path)
     cli([*SWEEP, f"hydra.sweep.dir={basic}"], cwd=tmp_path)
-    for arm in ("0", "1"):
+    for arm in ARMS:
         assert bitwise(adapters / arm, basic / arm), arm  # as if each ran alone
         assert bitwise(adapters / arm, again / arm), arm  # and again, the same bits
         manifest = json.loads((adapters / arm / "manifest.json").read_text())
@@ -79,43 +75,37 @@ def test_arms_as_adapters_equal_the_basic_launchers_runs_bitwise(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sigkilled_sweep_resumes_every_arm_exactly(tmp_path):
-    reference, sweep = tmp_path / "reference", tmp_path / "sweep"
-    cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={reference}"], cwd=tmp_path)
+def test_a_sigkilled_sweep_resumes_every_arm_exactly(tmp_path, reference):
+    sweep = tmp_path / "sweep"
     # Killed halfway through writing the checkpoint of step 2 (by whichever arm gets there
     # first): the process dies with every arm wherever it was.
     killed = cli(
         [*SWEEP, *ADAPTERS, f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path,
-        env={"RLKIT_FAULT": "kill-in-checkpoint:2"},
+        extra_env={"RLKIT_FAULT": "kill-in-checkpoint:2"},
         check=False,
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (sweep / "0" / "summary.json").exists()
-    cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={sweep}", "resume=auto"], cwd=tmp_path)
-    for arm in ("0", "1"):
-        assert bitwise(sweep / arm, reference / arm), arm
+    resume_matches(tmp_path, sweep, reference[0])
 
 
 @pytest.mark.slow
-def test_sigterm_stops_every_arm_with_a_checkpoint_and_resume_finishes_them(tmp_path):
-    reference, sweep = tmp_path / "reference", tmp_path / "sweep"
-    cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={reference}"], cwd=tmp_path)
+def test_sigterm_stops_every_arm_with_a_checkpoint_and_resume_finishes_them(tmp_path, reference):
+    sweep = tmp_path / "sweep"
     # SIGTERM (sent by the process itself after an arm's 2nd warm-start step): every arm
     # finishes what it is doing, writes a checkpoint and stops; the sweep exits 0.
     stopped = cli(
         [*SWEEP, *ADAPTERS, f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path,
-        env={"RLKIT_FAULT": "sigterm-in-warmup:2"},
+        extra_env={"RLKIT_FAULT": "sigterm-in-warmup:2"},
     )
     assert "sweep stopped" in stopped.stdout + stopped.stderr
     assert "resume=auto" in stopped.stdout + stopped.stderr
-    for arm in ("0", "1"):
+    for arm in ARMS:
         assert (sweep / arm / "checkpoints" / "latest").exists(), arm
         assert not (sweep / arm / "summary.json").exists()
-    cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={sweep}", "resume=auto"], cwd=tmp_path)
-    for arm in ("0", "1"):
-        assert bitwise(sweep / arm, reference / arm), arm
+    resume_matches(tmp_path, sweep, reference[0])
 
 
 @pytest.mark.slow

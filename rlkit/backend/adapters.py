@@ -47,7 +47,9 @@ def target_modules(model: PreTrainedModel, spec: AdapterSpec) -> list[str]:
 
 def attach(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
     """`model` with a fresh adapter named "default", initialised from `spec.seed`."""
-    return _seeded(lambda config: get_peft_model(model, config), model, spec)
+    peft_model = _seeded(lambda config: get_peft_model(model, config), model, spec)
+    _sorted_sets(peft_model)
+    return peft_model
 
 
 def add(peft_model: PeftModel, spec: AdapterSpec, name: str) -> None:
@@ -58,6 +60,8 @@ def add(peft_model: PeftModel, spec: AdapterSpec, name: str) -> None:
 
 
 def _seeded(make, model: PreTrainedModel, spec: AdapterSpec):
+    """`make(config)` for `spec`'s adapter on `model`, its initial weights drawn from
+    `spec.seed` (the global RNG is left as it was)."""
     config = LoraConfig(
         r=int(spec.rank),
         lora_alpha=spec.alpha,
@@ -74,10 +78,7 @@ def _seeded(make, model: PreTrainedModel, spec: AdapterSpec):
         # the shared weight (the hf engine's copy and rlkit.export untie it first).
         warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
         torch.manual_seed(spec.seed)
-        peft_model = make(config)
-    if peft_model is not None:
-        _sorted_sets(peft_model)
-    return peft_model
+        return make(config)
 
 
 def _sorted_sets(peft_model: PeftModel) -> None:

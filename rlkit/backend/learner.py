@@ -150,9 +150,11 @@ class SharedBase:
         self.lock = threading.RLock()  # the model, its adapters and their optimizers
         self.engine_lock = threading.RLock()  # the learners' rollout engines
 
-    def thread(self) -> MainThread | None:
-        """Where this base's work runs: the pool's runner, or None: in the caller's thread."""
-        return self.pool.runner if self.pool is not None else None
+    def run(self, fn, *args):
+        """`fn(*args)` where this base's work runs: in the thread serving the pool's calls
+        (`MainThread`), or else in the caller's."""
+        runner = self.pool.runner if self.pool is not None else None
+        return fn(*args) if runner is None else runner.call(fn, *args)
 
 
 class Learner:

@@ -108,13 +108,9 @@ def _train_group(group: list[Job], arms: int, train: Callable) -> None:
     import rlkit
     from rlkit.run.session import Arm
 
-    first = group[0].cfg.model
     # The client whose base models the arms share (each arm's Session makes its own client,
-    # with its own checkpoint dir, sharing this one's bases).
-    service = rlkit.ServiceClient(
-        device=None if first.device == "auto" else first.device,
-        dtype=None if first.dtype == "auto" else str(first.dtype),
-    )
+    # with its own settings and checkpoint dir, sharing this one's bases).
+    service = rlkit.ServiceClient()
     display = progress_bar()
     threads = []
     for job in group:
