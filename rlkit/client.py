@@ -14,7 +14,7 @@ Differences from the hosted service, on purpose:
 Several processes: under a launcher (`accelerate launch --num_processes N`, torchrun) every
 process runs the same program and makes the same calls with the same data; the client splits
 each call's work between them and hands every process the whole result (global-view SPMD, see
-README "Several processes"). The caller never sees a rank: `forward_backward`'s datums,
+docs/distributed.md). The caller never sees a rank: `forward_backward`'s datums,
 `compute_reference_logprobs` and the sample requests that run together are divided between the
 processes, `optim_step` sums their gradients, and `map_items` spreads plain Python work (rewards,
 environment steps) the same way. `Launch` tells the run plumbing above the client which process

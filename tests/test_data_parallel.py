@@ -45,7 +45,7 @@ ARGS = [
     "reward=[format,correct,concise]",
     "reward.concise.only_correct=false",
 ]
-# The tolerance of a 2-process run against the 1-process run (docs: README, "Several processes").
+# The tolerance of a 2-process run against the 1-process run (docs/distributed.md).
 # Rollouts are the same tokens; values that average many terms agree to float32 rounding; the
 # adapter's parameters (|p| up to ~0.1 here) differ by rounding of the gradient sum's order.
 EXACT = ("reward/", "eval/", "train/accuracy", "train/completion_tokens", "train/frac_skipped")
@@ -243,7 +243,7 @@ def test_a_reward_that_raises_in_one_process_fails_the_run_naming_that_rank(tmp_
 
 
 def test_two_processes_and_one_group_train_on_the_process_that_has_it(tmp_path, cache):
-    """`groups_per_step=1` on 2 processes (the README's case): rank 1 has no group while rank 0
+    """`groups_per_step=1` on 2 processes (docs/distributed.md's case): rank 1 has no group while rank 0
     trains, every step; the step's loss is rank 0's (it was `float + None`)."""
     run_dir = tmp_path / "run"
     ok(run(2, run_dir, cache, "groups_per_step=1", "steps=2", "warmup.steps=1", timeout=240))

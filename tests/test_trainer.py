@@ -130,7 +130,7 @@ def test_shortened_pair_sum_end_to_end(tmp_path):
     assert samples and {"step", "prompt", "answer", "completion"} <= set(samples[0])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3
-    # checkpoints/ holds what the README lists, no client staging folders.
+    # checkpoints/ holds what docs/trainer.md lists, no client staging folders.
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["latest", "step_000000", "step_000003", "warm_start"], names
     assert [p.name for p in (run_dir / "manifests").iterdir()] == ["step_000000.json"]

@@ -398,7 +398,7 @@ def bnb_config(quant: QuantSpec, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     # Noise: a warning at every int8 forward pass that it computes in float16 (LLM.int8 always
-    # does; see README).
+    # does; see docs/quantization.md).
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if quant.method == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)

@@ -21,10 +21,10 @@ Runs are bitwise reproducible and resumable (`resume=auto`): randomness derives 
 ...) (`rlkit.run.seeds`), and `Session` writes atomic checkpoints every few steps
 (`rlkit.run.checkpoint`). The environment, not the loop, decides whether a completion is correct.
 
-The same code runs under a launcher (`accelerate launch ... -m rlkit`; the README's section on
-GPUs and nodes): the client divides each call's work (sampling, forward/backward, and through
-`map_items` rewards and env steps) and gives the whole result back, and the session writes the
-outputs once. The batch (`groups_per_step` x `group_size`) is the same whatever the launcher.
+The same code runs under a launcher (`accelerate launch ... -m rlkit`; docs/distributed.md):
+the client divides each call's work (sampling, forward/backward, and through `map_items`
+rewards and env steps) and gives the whole result back, and the session writes the outputs
+once. The batch (`groups_per_step` x `group_size`) is the same whatever the launcher.
 """
 
 from __future__ import annotations

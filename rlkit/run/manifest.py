@@ -115,7 +115,7 @@ def determinism_state(cfg, dtype) -> dict:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        # The hf engine's decode batch moves sampled logprobs by float rounding (README).
+        # The hf engine's decode batch moves sampled logprobs by float rounding (docs/reproducibility.md).
         "engine_batch_rows": cfg.engine.get("batch_rows"),
     }
 
