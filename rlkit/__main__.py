@@ -26,6 +26,8 @@ from rlkit import client  # noqa: E402
 from rlkit.api.errors import RlkitError  # noqa: E402
 from rlkit.run import config, plugins  # noqa: E402
 from rlkit.run.rundir import check_dir_path  # noqa: E402
+from rlkit.run.schema import ConfigError  # noqa: E402
+from rlkit.run.validate import validate  # noqa: E402
 
 config.register()
 plugins.register_entry_points()
@@ -42,9 +44,9 @@ def main(cfg: DictConfig) -> None:
     # A user's error (config, data, reward, model name, environment) is one line naming it;
     # anything else is a bug in rlkit and keeps its traceback.
     try:
-        config.validate(cfg)
+        validate(cfg)
         train(cfg, run_dir)  # a used run dir is a ConfigError too
-    except config.ConfigError as exc:
+    except ConfigError as exc:
         if not procs.is_main:
             raise SystemExit(1) from None  # the main process reports the same error
         raise SystemExit(f"config error: {exc}") from None

@@ -23,14 +23,16 @@ from omegaconf.errors import OmegaConfBaseException
 from rlkit import client
 from rlkit.api.errors import RlkitError
 from rlkit.run import config
+from rlkit.run.schema import ConfigError
+from rlkit.run.validate import validate
 
 
 def vllm_command(overrides: list[str], vllm_flags: list[str]) -> list[str]:
     try:  # the run's config, checked as a run checks it: an error names the key
         cfg = config.compose(overrides)
-        config.validate(cfg)
+        validate(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise config.ConfigError(str(exc).strip()) from None
+        raise ConfigError(str(exc).strip()) from None
     dtype = str(cfg.model.dtype)
     gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
     if dtype == "auto":
@@ -82,7 +84,7 @@ def main(argv: list[str]) -> None:
         return
     try:
         command = vllm_command(overrides, vllm_flags)
-    except config.ConfigError as exc:
+    except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None
     except RlkitError as exc:  # a model that cannot be found, a rank vLLM cannot serve
         raise SystemExit(f"error: {exc}") from None

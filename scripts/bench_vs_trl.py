@@ -78,7 +78,8 @@ def model_path(size: str) -> str:
 def write_prompts(path: Path, n_steps: int) -> None:
     """The pair_sum prompts of rlkit's first `n_steps` steps (seed 0), as chat messages."""
     from rlkit.run import seeds
-    from rlkit.run.config import as_callable, compose
+    from rlkit.run.build import as_callable
+    from rlkit.run.config import compose
 
     cfg = compose(["recipe=pair_sum"])
     env = as_callable(cfg.env, "env")

@@ -26,7 +26,8 @@ from rlkit import ServiceClient, types
 from rlkit.rl.graders.base import parse_number
 from rlkit.rl.graders.numeric import numbers_in
 from rlkit.rl.sft import prompt_tokens
-from rlkit.run.config import as_callable, compose
+from rlkit.run.build import as_callable
+from rlkit.run.config import compose
 
 READINGS = ("the recipe's grader", 'first after "="', "among its numbers")
 

@@ -12,7 +12,8 @@ import pytest
 from test_repro import TINY, assert_same_as
 
 from rlkit.rl.loop import train
-from rlkit.run.config import compose, validate
+from rlkit.run.config import compose
+from rlkit.run.validate import validate
 
 pytestmark = pytest.mark.slow  # end-to-end runs
 

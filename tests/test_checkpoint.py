@@ -10,7 +10,8 @@ import torch
 
 from rlkit.api import types
 from rlkit.run import checkpoint
-from rlkit.run.config import ConfigError, compose
+from rlkit.run.config import compose
+from rlkit.run.schema import ConfigError
 
 BASE = ["recipe=pair_sum", "model=rlkit_tiny", "adapter.rank=8", "checkpoint.keep_last=2"]
 

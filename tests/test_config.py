@@ -4,7 +4,9 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from rlkit.run.config import CONF_DIR, ConfigError, compose, options, validate
+from rlkit.run.config import CONF_DIR, compose, options
+from rlkit.run.schema import ConfigError
+from rlkit.run.validate import validate
 
 GROUPS = [
     "model",
@@ -219,7 +221,8 @@ def test_optimizer_and_adapter_settings_are_declared_once():
 
     from rlkit.api.adapter import AdapterSpec
     from rlkit.api.types import AdamParams
-    from rlkit.run.config import AdapterConfig, OptimConfig, adam_params, adapter_args
+    from rlkit.run.build import adam_params, adapter_args
+    from rlkit.run.schema import AdapterConfig, OptimConfig
 
     optim_keys = [f.name for f in dataclasses.fields(OptimConfig)]
     assert optim_keys == ["lr", *[f.name for f in dataclasses.fields(AdamParams)][1:], "schedule"]

@@ -28,7 +28,10 @@ from rlkit.rl.rollouts import (
     score_groups,
 )
 from rlkit.rl.sft import completion_datum
-from rlkit.run.config import ConfigError, as_callable, compose, validate
+from rlkit.run.build import as_callable
+from rlkit.run.config import compose
+from rlkit.run.schema import ConfigError
+from rlkit.run.validate import validate
 
 ROWS = [
     {

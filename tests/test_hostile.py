@@ -20,8 +20,10 @@ from conftest import replace_rollout_metrics
 from rlkit.api import losses
 from rlkit.api.errors import RlkitError
 from rlkit.run import checkpoint, sweep
-from rlkit.run.config import ConfigError, compose, validate
+from rlkit.run.config import compose
+from rlkit.run.schema import ConfigError
 from rlkit.run.session import summarize
+from rlkit.run.validate import validate
 
 TINY = ["recipe=pair_sum", "model=rlkit_tiny"]
 
@@ -59,7 +61,7 @@ def test_component_arguments_are_checked_against_their_annotations(override, mes
 
 
 def test_a_components_own_value_check_is_a_config_error_naming_it():
-    from rlkit.run.config import as_callable
+    from rlkit.run.build import as_callable
 
     cfg = compose([*TINY, "env.n_choices=[3]"])
     with pytest.raises(ConfigError, match=r"^env: env.n_choices must be even numbers >= 2"):

@@ -8,7 +8,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from rlkit.run.config import CONF_DIR, import_target
+from rlkit.run.build import import_target
+from rlkit.run.config import CONF_DIR
 
 
 @pytest.mark.parametrize("module", ["rlkit.rewards", "rlkit.envs", "rlkit"])

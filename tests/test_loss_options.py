@@ -13,7 +13,9 @@ from rlkit.api.errors import InvalidDatumError
 from rlkit.rl.rollouts import Episode, Group, group_datums
 from rlkit.rl.shaping import overlong_penalty
 from rlkit.rl.update import aggregate, policy_update
-from rlkit.run.config import ConfigError, compose, validate
+from rlkit.run.config import compose
+from rlkit.run.schema import ConfigError
+from rlkit.run.validate import validate
 
 torch.manual_seed(0)
 N = 9

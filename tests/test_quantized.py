@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from rlkit import types
-from rlkit.run.config import ConfigError, compose, validate
+from rlkit.run.config import compose
+from rlkit.run.schema import ConfigError
+from rlkit.run.validate import validate
 
 pytest.importorskip("bitsandbytes")  # the `quant` extra; `make setup` installs it
 
@@ -199,7 +201,7 @@ def test_bad_values_are_refused_by_the_schema_and_the_api(service):
 
 
 def test_the_run_config_reaches_the_client():
-    from rlkit.run.config import adapter_args, quant_args
+    from rlkit.run.build import adapter_args, quant_args
 
     cfg = compose(["recipe=pair_sum_qlora", "adapter=dora"])
     assert quant_args(cfg.model) == {

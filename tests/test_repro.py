@@ -25,7 +25,8 @@ import pytest
 from rlkit.backend.engines import vllm as vllm_engine
 from rlkit.rl.loop import train
 from rlkit.run import compare, manifest
-from rlkit.run.config import compose, validate
+from rlkit.run.config import compose
+from rlkit.run.validate import validate
 
 # Subprocess runs, end-to-end training or vLLM: not in `make test-fast`.
 pytestmark = pytest.mark.slow

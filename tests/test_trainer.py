@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from rlkit.rl.loop import train
 from rlkit.rl.rewards.base import RewardError
-from rlkit.run.config import compose, validate
+from rlkit.run.config import compose
+from rlkit.run.validate import validate
 
 # Subprocess runs, end-to-end training or vLLM: not in `make test-fast`.
 pytestmark = pytest.mark.slow

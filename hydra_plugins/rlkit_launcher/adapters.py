@@ -59,7 +59,9 @@ class AdaptersLauncher(Launcher):
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
         from rlkit.rl.loop import train
-        from rlkit.run import arms, config
+        from rlkit.run import arms
+        from rlkit.run.schema import ConfigError
+        from rlkit.run.validate import validate
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
@@ -81,8 +83,8 @@ class AdaptersLauncher(Launcher):
                 with open_dict(task):
                     del task["hydra"]
                 try:
-                    config.validate(task)
-                except config.ConfigError as exc:
+                    validate(task)
+                except ConfigError as exc:
                     raise arms.SweepError(f"arm {name!r}: {exc}") from None
         except arms.SweepError as exc:
             raise SystemExit(f"error: {exc}") from None

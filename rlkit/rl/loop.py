@@ -55,8 +55,8 @@ from rlkit.rl.schedule import Sampled, Schedule, slow
 from rlkit.rl.shaping import attach_reference, shape_rewards
 from rlkit.rl.update import policy_update
 from rlkit.run import seeds
+from rlkit.run.build import adam_params, as_callable, loss_fn_config
 from rlkit.run.checkpoint import stop_on_signals
-from rlkit.run.config import adam_params, as_callable, loss_fn_config
 from rlkit.run.outputs import timed
 from rlkit.run.session import Arm, Session
 

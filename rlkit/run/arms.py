@@ -144,14 +144,14 @@ def print_resume(sweep_dir: str) -> None:
 
 def _run_arm(job: Job, arm, train: Callable) -> None:
     from rlkit.api.errors import RlkitError
-    from rlkit.run import config
+    from rlkit.run.schema import ConfigError
 
     try:
         job.summary = train(job.cfg, job.run_dir, arm)
         job.outcome = "done"
     except SystemExit as exc:  # a stopped run: its checkpoint is written
         job.outcome = "stopped" if exc.code in (0, None) else f"error: {exc.code}"
-    except config.ConfigError as exc:
+    except ConfigError as exc:
         job.outcome = f"config error: {exc}"
     except RlkitError as exc:
         job.outcome = f"error: {exc}"

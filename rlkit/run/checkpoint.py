@@ -64,9 +64,10 @@ from safetensors.torch import load_file, save_file
 
 from rlkit.api.errors import RlkitError
 from rlkit.client import Launch
-from rlkit.run.config import ConfigError, plain
+from rlkit.run.build import plain
 from rlkit.run.manifest import NOT_HASHED, flatten
 from rlkit.run.outputs import console, read_history
+from rlkit.run.schema import ConfigError
 
 OUTPUT_FILES = ("metrics.jsonl", "timings.jsonl", "samples.jsonl")
 CHECKSUMS = "checksums.json"

@@ -130,7 +130,7 @@ def build_manifest(
     sweep: dict | None = None,
 ) -> dict:
     import rlkit
-    from rlkit.run.config import plain
+    from rlkit.run.build import plain
 
     config = plain(cfg)
     return {

@@ -31,8 +31,8 @@ import rlkit
 import rlkit.client
 from rlkit.api.errors import RlkitError
 from rlkit.run import seeds
+from rlkit.run.build import adapter_args, as_callable, engine_args, plain, quant_args
 from rlkit.run.checkpoint import Checkpointer, Resumed, take
-from rlkit.run.config import adapter_args, as_callable, engine_args, plain, quant_args
 from rlkit.run.manifest import write_manifest
 from rlkit.run.outputs import (
     MetricsWriter,

@@ -1,0 +1,147 @@
+"""Config nodes into what rlkit runs: a `_target_` node into its object (checked first against
+the target's signature and annotations), and sections into the client's arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+import typing
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from rlkit.api.typecheck import matches, type_name
+from rlkit.api.types import AdamParams
+from rlkit.run.schema import OPTIM_RENAME, ConfigError, KLPlacement
+
+
+def quant_args(model: DictConfig) -> dict[str, Any]:
+    """`model.quantize`, `model.quant_compute_dtype`, `model.double_quant` as keyword arguments
+    of create_lora_training_client."""
+    return {
+        "quantize": str(model.quantize),
+        "quant_compute_dtype": str(model.quant_compute_dtype),
+        "double_quant": bool(model.double_quant),
+    }
+
+
+def engine_args(engine: DictConfig) -> dict[str, Any]:
+    """`engine` as ServiceClient arguments: the engine class's path and its options."""
+    options = {k: v for k, v in plain(engine).items() if k != "_target_"}
+    return {"engine": engine._target_, "engine_options": options}
+
+
+def loss_fn_config(cfg: DictConfig) -> dict[str, Any]:
+    """`loss.config` plus the options the run turns on: the KL penalty in the loss
+    (`kl.coef` > 0, `kl.placement=loss`) and the entropy bonus (`loss.entropy_coef` > 0)."""
+    config = OmegaConf.to_container(cfg.loss.config)
+    if cfg.kl.coef and cfg.kl.placement == KLPlacement.loss:
+        config |= {"kl_coef": float(cfg.kl.coef), "kl_estimator": str(cfg.kl.estimator)}
+    if cfg.loss.entropy_coef:
+        config["entropy_coef"] = float(cfg.loss.entropy_coef)
+    return config
+
+
+def plain(cfg: DictConfig) -> dict:
+    """The config as plain, JSON-ready containers (enumerations as their names)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def adam_params(optim: DictConfig) -> AdamParams:
+    """`optim.*` as the API's AdamParams (the same fields; `lr` is learning_rate)."""
+    names = {f.name for f in dataclasses.fields(AdamParams)}
+    keys = {OPTIM_RENAME.get(n, n): n for n in names}
+    return AdamParams(**{keys[k]: v for k, v in optim.items() if k in keys})
+
+
+def adapter_args(adapter: DictConfig) -> dict[str, Any]:
+    """`adapter.*` as keyword arguments of create_lora_training_client (`alpha` is lora_alpha)."""
+    args = {k: v for k, v in plain(adapter).items()}
+    args["lora_alpha"] = args.pop("alpha")
+    return args
+
+
+def import_target(path: str) -> Any:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"cannot import {path!r}: {exc}") from None
+
+
+def check_target(
+    key: str,
+    node: Any,
+    runtime_args: int = 0,
+    runtime_kwargs: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (),
+) -> None:
+    """`node._target_` imports, and its signature binds the configured arguments.
+
+    `runtime_args` positional and `runtime_kwargs` keyword arguments are supplied by the
+    trainer later; keys in `extra` are read by rlkit itself and not passed on.
+    """
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"{key} needs a _target_ (a dotted path to a function or class)")
+    target = import_target(node._target_)
+    kwargs = {**_arguments(node, extra), **dict.fromkeys(runtime_kwargs)}
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: nothing to check
+    try:
+        if inspect.isclass(target) and runtime_args:
+            signature.bind(**kwargs)  # runtime args go to the instance's __call__
+        else:
+            signature.bind(*[None] * runtime_args, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{key}: {node._target_} {exc}") from None
+    _check_types(key, node, target)
+
+
+def _arguments(node: DictConfig, extra=()) -> dict[str, Any]:
+    """A `_target_` node's arguments: its keys but `_target_`-style ones and rlkit's own `extra`."""
+    return {k: v for k, v in node.items() if not k.startswith("_") and k not in extra}
+
+
+def _check_types(key: str, node: DictConfig, target: Any) -> None:
+    """Each configured argument against its annotation (int, float, str, bool, lists of them,
+    optional ones); others are not checked."""
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # unresolvable annotations: nothing to check against
+        return
+    values = OmegaConf.to_container(node, resolve=True)
+    for name, value in values.items():
+        if name in hints and not matches(value, hints[name]):
+            raise ConfigError(
+                f"{key}.{name}={value!r} must be {type_name(hints[name])} "
+                f"(the {name} argument of {node._target_})"
+            )
+
+
+def as_callable(node: DictConfig, key: str, extra=(), runtime: dict | None = None):
+    """A `_target_` node (the config's `key`) as an object: a class is instantiated with the
+    node's arguments (plus `runtime` ones), a function gets them bound with functools.partial.
+    Keys in `extra` are rlkit's own, not passed on. A ValueError from a class's own checks of its
+    arguments is a ConfigError naming `key`."""
+    arguments = OmegaConf.to_container(OmegaConf.create(_arguments(node, extra)), resolve=True)
+    arguments = {name: _build(value, f"{key}.{name}") for name, value in arguments.items()}
+    kwargs = {**arguments, **(runtime or {})}
+    target = import_target(node._target_)
+    if not inspect.isclass(target):
+        return functools.partial(target, **kwargs)
+    try:
+        return target(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
+
+
+def _build(value: Any, key: str) -> Any:
+    """An argument that is itself a `_target_` node (e.g. `grader: ${grader}`) becomes its
+    object; anything else stays as it is."""
+    if isinstance(value, dict) and "_target_" in value:
+        return as_callable(OmegaConf.create(value), key)
+    return value
