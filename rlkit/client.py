@@ -40,6 +40,7 @@ import torch
 from rlkit.api.adapter import AdapterSpec
 from rlkit.api.quant import QuantSpec
 from rlkit.api.types import (
+    DTYPES,
     AdamParams,
     Datum,
     ForwardBackwardOutput,
@@ -273,12 +274,9 @@ def _dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
         return name
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-            name
-        ]
-    except KeyError:
-        raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {name!r}") from None
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
 
 
 class ServiceClient:

@@ -39,27 +39,53 @@ from rlkit.api.errors import UnknownLossError
 
 LossFn = Callable[..., torch.Tensor]
 
-# KL estimators, as functions of d = ref_logprob - logprob on tokens sampled from the policy
-# (Schulman, "Approximating KL divergence", 2020): all estimate KL(policy || ref).
-KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+
+def _low_var_kl(d: torch.Tensor) -> torch.Tensor:
+    d = d.clamp(-20, 20)
+    return (torch.expm1(d) - d).clamp(-10, 10)
+
+
+# KL estimators by name (the config's `kl.estimator` choices), as functions of
+# d = ref_logprob - logprob on tokens sampled from the policy (Schulman, "Approximating KL
+# divergence", 2020): all estimate KL(policy || ref).
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    # -d: unbiased, its gradient is 0 in expectation: use it in the reward, not the loss.
+    "k1": lambda d: -d,
+    "k2": lambda d: 0.5 * d.square(),
+    # exp(d) - 1 - d: unbiased, low variance, >= 0.
+    "k3": lambda d: torch.expm1(d) - d,
+    # k3 with d clamped to [-20, 20] and the estimate to [-10, 10] (verl's name and clamps).
+    "low_var_kl": _low_var_kl,
+}
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(policy || ref) estimate. k1 = -d (unbiased, its gradient is 0 in
-    expectation: use it in the reward, not the loss); k2 = d^2 / 2; k3 = exp(d) - 1 - d (unbiased,
-    low variance, >= 0); low_var_kl = k3 with d clamped to [-20, 20] and the estimate to
-    [-10, 10] (verl's name and clamps)."""
-    d = ref_logprobs - logprobs
-    if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d.square()
-    if estimator == "k3":
-        return torch.expm1(d) - d
-    if estimator == "low_var_kl":
-        d = d.clamp(-20, 20)
-        return (torch.expm1(d) - d).clamp(-10, 10)
-    raise ValueError(f"unknown kl_estimator {estimator!r}; known: {', '.join(KL_ESTIMATORS)}")
+    """Per-token KL(policy || ref) estimate by `estimator` (a name in KL_ESTIMATORS)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {estimator!r}; known: {', '.join(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](ref_logprobs - logprobs)
+
+
+def _token_mean(masks: list[torch.Tensor], max_tokens: int) -> list[float]:
+    total = sum(float((m > 0).sum()) for m in masks)
+    return [1.0 / max(total, 1.0)] * len(masks)
+
+
+# How the per-token losses of a minibatch add up (the config's `loss.aggregation` choices): each
+# datum's loss weights are scaled by the factor its function gives, from the datums' weight
+# masks and max_tokens (a datum's trained tokens are those of weight > 0).
+AGGREGATIONS: dict[str, Callable[[list[torch.Tensor], int], list[float]] | None] = {
+    # The sum over tokens, the weights as they are (the API's semantics).
+    "token_sum": None,
+    # 1 / (model tokens in the minibatch): DAPO's token-level mean.
+    "token_mean": _token_mean,
+    # 1 / (sequence's model tokens x sequences): GRPO's original mean of means (and GSPO's).
+    "sequence_mean": lambda masks, max_tokens: [
+        1.0 / (max(float((m > 0).sum()), 1.0) * len(masks)) for m in masks
+    ],
+    # 1 / (max_tokens x sequences): Dr. GRPO's constant normaliser.
+    "constant": lambda masks, max_tokens: [1.0 / (max_tokens * len(masks))] * len(masks),
+}
 
 
 @dataclass(frozen=True)
@@ -252,7 +278,7 @@ def register_policy_loss(name: str, requires: tuple[str, ...] = (), **defaults: 
             optional=tuple(
                 k for k in ("weights", "old_logprobs", "ref_logprobs") if k not in requires
             ),
-            choices={"kl_estimator": KL_ESTIMATORS},
+            choices={"kl_estimator": tuple(KL_ESTIMATORS)},
             **defaults,
             **POLICY_DEFAULTS,
         )(loss)

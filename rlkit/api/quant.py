@@ -10,8 +10,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-METHODS = ("none", "nf4", "fp4", "int8")
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+from rlkit.api.types import DTYPES
+
+# The quantizations of the frozen base (the config's `model.quantize` choices).
+METHODS = {
+    "none": "full-precision base: LoRA, DoRA",
+    "nf4": "4-bit NormalFloat (bitsandbytes): QLoRA, QDoRA",
+    "fp4": "4-bit float (bitsandbytes)",
+    "int8": "8-bit LLM.int8 (bitsandbytes); LoRA only",
+}
+# auto: the model's dtype.
+COMPUTE_DTYPES = ("auto", *DTYPES)
 # Devices bitsandbytes runs on (its CPU backend does 4-bit and 8-bit forward and backward).
 DEVICES = ("cpu", "cuda")
 

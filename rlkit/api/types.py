@@ -17,6 +17,10 @@ import torch
 
 StopReason = Literal["stop", "length"]
 
+# The dtypes a model runs in, by the name the config and the client take (`model.dtype`,
+# `create_lora_training_client(dtype=...)`, `model.quant_compute_dtype`); "auto" besides.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass
 class EncodedTextChunk:

@@ -8,11 +8,8 @@ the correction from the sampler to the old policy (exp(old - sampler), capped by
 stays exact. With one step the old policy is the current one and nothing extra is computed.
 
 `loss.aggregation` sets each token's weight in the summed loss (`weights`, 0 off the model's
-tokens), per minibatch:
-- token_sum: 1 (the API's sum semantics);
-- token_mean: 1 / (model tokens in the minibatch), DAPO's token-level mean;
-- sequence_mean: 1 / (sequence's model tokens x sequences), GRPO's original mean of means;
-- constant: 1 / (max_tokens x sequences), Dr. GRPO's constant normaliser.
+tokens), per minibatch: token_sum, token_mean (DAPO), sequence_mean (GRPO, GSPO) or constant
+(Dr. GRPO), declared with their factors in `rlkit.api.losses.AGGREGATIONS`.
 """
 
 from __future__ import annotations
@@ -22,10 +19,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from rlkit.api import types
+from rlkit.api.losses import AGGREGATIONS
 from rlkit.rl.rollouts import gaps_and_sums
 from rlkit.run import seeds
-
-AGGREGATIONS = ("token_sum", "token_mean", "sequence_mean", "constant")
 
 
 @dataclass
@@ -42,21 +38,13 @@ class UpdateResult:
 
 
 def aggregate(datums_D, mode: str, max_tokens: int) -> list[types.Datum]:
-    """The datums with their `weights` scaled for `mode` (see the module docstring)."""
-    if mode == "token_sum":
+    """The datums with their `weights` scaled for `mode`, a name in AGGREGATIONS."""
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown loss.aggregation {mode!r}; known: {', '.join(AGGREGATIONS)}")
+    if AGGREGATIONS[mode] is None:
         return list(datums_D)
     masks = [d.loss_fn_inputs["weights"].to_torch() for d in datums_D]
-    if mode == "token_mean":
-        total = sum(float((m > 0).sum()) for m in masks)
-        scales = [1.0 / max(total, 1.0)] * len(masks)
-    else:
-        n_seqs = len(masks)
-        if mode == "sequence_mean":
-            scales = [1.0 / (max(float((m > 0).sum()), 1.0) * n_seqs) for m in masks]
-        elif mode == "constant":
-            scales = [1.0 / (max_tokens * n_seqs)] * len(masks)
-        else:
-            raise ValueError(f"unknown loss.aggregation {mode!r}; known: {', '.join(AGGREGATIONS)}")
+    scales = AGGREGATIONS[mode](masks, max_tokens)
     return [_with(d, weights=m * s) for d, m, s in zip(datums_D, masks, scales, strict=True)]
 
 

@@ -17,7 +17,9 @@ from omegaconf import MISSING
 
 from rlkit.api.adapter import MAX_SEED, AdapterSpec
 from rlkit.api.errors import RlkitError
-from rlkit.api.types import AdamParams
+from rlkit.api.losses import AGGREGATIONS, KL_ESTIMATORS
+from rlkit.api.quant import METHODS
+from rlkit.api.types import DTYPES, AdamParams
 
 
 @dataclass(frozen=True)
@@ -59,18 +61,15 @@ class ConfigError(RlkitError, ValueError):
 
 
 # Enumerations: the schema rejects any other value when Hydra composes, naming the key.
-class DType(StrEnum):
-    auto = "auto"  # bfloat16 on GPU, float32 on CPU
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+def choices(name: str, names) -> type[StrEnum]:
+    """An enumeration of `names` (a registry's keys): the choices are declared once, there."""
+    return StrEnum(name, {n: n for n in names})
 
 
-class Quantize(StrEnum):
-    none = "none"  # full-precision base: LoRA, DoRA
-    nf4 = "nf4"  # 4-bit NormalFloat (bitsandbytes): QLoRA, QDoRA
-    fp4 = "fp4"  # 4-bit float (bitsandbytes)
-    int8 = "int8"  # 8-bit LLM.int8 (bitsandbytes); LoRA only
+# auto: bfloat16 on GPU, float32 on CPU; or a name in rlkit.api.types.DTYPES.
+DType = choices("DType", ["auto", *DTYPES])
+# rlkit.api.quant.METHODS.
+Quantize = choices("Quantize", METHODS)
 
 
 class Schedule(StrEnum):
@@ -83,11 +82,8 @@ class Resume(StrEnum):
     auto = "auto"  # continue from its newest complete checkpoint, if any
 
 
-class KLEstimator(StrEnum):
-    k1 = "k1"  # logprob - ref: unbiased; in the loss its gradient is 0 in expectation
-    k2 = "k2"  # (logprob - ref)^2 / 2
-    k3 = "k3"  # exp(ref - logprob) - 1 - (ref - logprob): unbiased, low variance, >= 0
-    low_var_kl = "low_var_kl"  # k3, clamped (verl's name)
+# rlkit.api.losses.KL_ESTIMATORS.
+KLEstimator = choices("KLEstimator", KL_ESTIMATORS)
 
 
 class KLPlacement(StrEnum):
@@ -100,11 +96,8 @@ class KLReference(StrEnum):
     base = "base"  # the base model (the adapter switched off), even after a warm start
 
 
-class Aggregation(StrEnum):
-    token_sum = "token_sum"  # sum over tokens (the API's semantics)
-    token_mean = "token_mean"  # mean over the minibatch's tokens (DAPO)
-    sequence_mean = "sequence_mean"  # mean over sequences of their token mean (GRPO, GSPO)
-    constant = "constant"  # sum / (max_tokens x sequences) (Dr. GRPO)
+# rlkit.api.losses.AGGREGATIONS.
+Aggregation = choices("Aggregation", AGGREGATIONS)
 
 
 class OverlongMode(StrEnum):
