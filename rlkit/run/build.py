@@ -10,6 +10,8 @@ import inspect
 import typing
 from typing import Any
 
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rlkit.api.typecheck import matches, type_name
@@ -123,25 +125,41 @@ def _check_types(key: str, node: DictConfig, target: Any) -> None:
 
 
 def as_callable(node: DictConfig, key: str, extra=(), runtime: dict | None = None):
-    """A `_target_` node (the config's `key`) as an object: a class is instantiated with the
-    node's arguments (plus `runtime` ones), a function gets them bound with functools.partial.
-    Keys in `extra` are rlkit's own, not passed on. A ValueError from a class's own checks of its
-    arguments is a ConfigError naming `key`."""
-    arguments = OmegaConf.to_container(OmegaConf.create(_arguments(node, extra)), resolve=True)
-    arguments = {name: _build(value, f"{key}.{name}") for name, value in arguments.items()}
-    kwargs = {**arguments, **(runtime or {})}
-    target = import_target(node._target_)
-    if not inspect.isclass(target):
-        return functools.partial(target, **kwargs)
+    """A `_target_` node (the config's `key`) as an object, built by `hydra.utils.instantiate`:
+    a class is instantiated with the node's arguments (plus `runtime` ones), a function, here or
+    as a nested argument, is bound to its arguments (`_partial_`, unless the node says).
+    Arguments arrive as plain lists and dicts. Keys in `extra` are rlkit's own, not passed on.
+    A ValueError from a target's own checks of its arguments is a ConfigError naming `key`; any
+    other error is the target's own, as it raised it."""
+    spec = _partial_functions(OmegaConf.to_container(node, resolve=True))
+    for name in extra:
+        spec.pop(name, None)
     try:
-        return target(**kwargs)
+        if not runtime:
+            return instantiate(spec, _convert_="all")
+        # Runtime arguments are objects, not config: bound after instantiate.
+        built = instantiate(spec, _convert_="all", _partial_=True)
+        return functools.partial(built, **runtime) if spec["_partial_"] else built(**runtime)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if cause is None:
+            raise
+        error = cause
     except ValueError as exc:
-        raise ConfigError(f"{key}: {exc}") from exc
+        error = exc
+    if isinstance(error, ValueError):
+        raise ConfigError(f"{key}: {error}") from error
+    raise error
 
 
-def _build(value: Any, key: str) -> Any:
-    """An argument that is itself a `_target_` node (e.g. `grader: ${grader}`) becomes its
-    object; anything else stays as it is."""
-    if isinstance(value, dict) and "_target_" in value:
-        return as_callable(OmegaConf.create(value), key)
-    return value
+def _partial_functions(spec: Any) -> Any:
+    """`spec` with `_partial_: true` on every `_target_` node that names a function and does not
+    set it: rlkit's components take functions (rewards, graders, advantages) as callables."""
+    if isinstance(spec, list):
+        return [_partial_functions(v) for v in spec]
+    if not isinstance(spec, dict):
+        return spec
+    spec = {k: _partial_functions(v) for k, v in spec.items()}
+    if "_target_" in spec and "_partial_" not in spec:
+        spec["_partial_"] = not inspect.isclass(import_target(spec["_target_"]))
+    return spec
