@@ -14,19 +14,28 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rlkit.api.quant import QuantSpec
 from rlkit.api.typecheck import matches, type_name
 from rlkit.api.types import AdamParams
-from rlkit.run.schema import OPTIM_RENAME, ConfigError, KLPlacement
+from rlkit.run.schema import OPTIM_RENAME, QUANT_RENAME, ConfigError, KLPlacement
 
 
 def quant_args(model: DictConfig) -> dict[str, Any]:
-    """`model.quantize`, `model.quant_compute_dtype`, `model.double_quant` as keyword arguments
-    of create_lora_training_client."""
-    return {
-        "quantize": str(model.quantize),
-        "quant_compute_dtype": str(model.quant_compute_dtype),
-        "double_quant": bool(model.double_quant),
-    }
+    """`model.quantize`, `model.quant_compute_dtype`, `model.double_quant` (QuantSpec's fields,
+    renamed) as keyword arguments of create_lora_training_client."""
+    values = plain(model)
+    return {key: values[key] for key in quant_keys().values()}
+
+
+def quant_spec(model: DictConfig) -> QuantSpec:
+    """`model.*`'s quantization as the API's QuantSpec."""
+    values = plain(model)
+    return QuantSpec(**{name: values[key] for name, key in quant_keys().items()})
+
+
+def quant_keys() -> dict[str, str]:
+    """QuantSpec's field names -> the config's (and the client's keyword) names."""
+    return {f.name: QUANT_RENAME.get(f.name, f.name) for f in dataclasses.fields(QuantSpec)}
 
 
 def engine_args(engine: DictConfig) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from omegaconf import MISSING
 from rlkit.api.adapter import MAX_SEED, AdapterSpec
 from rlkit.api.errors import RlkitError
 from rlkit.api.losses import AGGREGATIONS, KL_ESTIMATORS
-from rlkit.api.quant import METHODS
+from rlkit.api.quant import METHODS, QuantSpec
 from rlkit.api.types import DTYPES, AdamParams
 
 
@@ -114,42 +114,54 @@ OnRewardError = StrEnum("OnRewardError", {"raise": "raise", "skip": "skip"})
 OnEnvError = StrEnum("OnEnvError", {"raise": "raise", "skip": "skip"})
 
 
-@dataclass
-class ModelConfig:
-    # Built-in name (rlkit-tiny, rlkit-small), local directory, or hub id.
-    base_model: str = MISSING
-    # float32, bfloat16, float16, or auto (bfloat16 on GPU, float32 on CPU).
-    dtype: DType = DType.auto
-    # cpu, cuda, cuda:N, mps, or auto.
-    device: str = "auto"
-    # Frozen base weights: none (full precision), nf4 / fp4 (4-bit), int8 (bitsandbytes).
-    quantize: Quantize = Quantize.none
-    # dtype a 4-bit layer computes in: auto (= model.dtype), float32, bfloat16, float16.
-    quant_compute_dtype: DType = DType.auto
-    # 4-bit only: also quantize the per-block scales (~0.4 bits per weight saved).
-    double_quant: bool = True
-    # Training rows that begin alike (a prompt's completions) share one forward pass over their
-    # common beginning: same logprobs and gradients up to float rounding, less work.
-    share_prefix: bool = True
-
-
 def derived(
-    cls: type, name: str, rename: dict | None = None, drop=(), extra=(), ranges=None
+    cls: type,
+    name: str,
+    rename: dict | None = None,
+    drop=(),
+    extra=(),
+    ranges=None,
+    types=None,
+    first=(),
 ) -> type:
     """A config dataclass with the fields (and defaults) of `cls`, so a setting is declared once:
-    `rename` maps field names to config keys, `drop` leaves fields out, `extra` adds
-    (name, type, default) fields of the config's own, `ranges` gives fields (by config key) their
-    range rule."""
-    rename, ranges = rename or {}, ranges or {}
-    fields = []
+    `rename` maps field names to config keys, `drop` leaves fields out, `types` gives a field (by
+    config key) a narrower type (an enumeration of its choices), `ranges` its range rule; `first`
+    and `extra` add (name, type, default) fields of the config's own, before and after them."""
+    rename, ranges, types = rename or {}, ranges or {}, types or {}
+    fields = [(key, kind, field(default=default)) for key, kind, default in first]
     for f in dataclasses.fields(cls):
         if f.name in drop:
             continue
         key = rename.get(f.name, f.name)
         meta = {"rule": ranges[key]} if key in ranges else {}
-        fields.append((key, f.type, field(default=f.default, metadata=meta)))
+        kind = types.get(key, f.type)
+        default = kind(f.default) if key in types else f.default
+        fields.append((key, kind, field(default=default, metadata=meta)))
     fields += [(key, kind, field(default=default)) for key, kind, default in extra]
     return dataclasses.make_dataclass(name, fields)
+
+
+# model.*: the base model, and QuantSpec's fields under the names the client's keyword arguments
+# have (quantize, quant_compute_dtype, double_quant).
+QUANT_RENAME = {"method": "quantize", "compute_dtype": "quant_compute_dtype"}
+ModelConfig = derived(
+    QuantSpec,
+    "ModelConfig",
+    rename=QUANT_RENAME,
+    types={"quantize": Quantize, "quant_compute_dtype": DType},
+    first=[
+        # Built-in name (rlkit-tiny, rlkit-small), local directory, or hub id.
+        ("base_model", str, MISSING),
+        # float32, bfloat16, float16, or auto (bfloat16 on GPU, float32 on CPU).
+        ("dtype", DType, DType.auto),
+        # cpu, cuda, cuda:N, mps, or auto.
+        ("device", str, "auto"),
+    ],
+    # Training rows that begin alike (a prompt's completions) share one forward pass over their
+    # common beginning: same logprobs and gradients up to float rounding, less work.
+    extra=[("share_prefix", bool, True)],
+)
 
 
 # adapter.*: AdapterSpec's fields; the adapter's seed is the run's `seed`.

@@ -11,8 +11,8 @@ import re
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlkit.api.quant import QuantizationUnavailable, QuantSpec, check_available
-from rlkit.run.build import check_target, engine_args, loss_fn_config, quant_args
+from rlkit.api.quant import QuantizationUnavailable, check_available
+from rlkit.run.build import check_target, engine_args, loss_fn_config, quant_spec
 from rlkit.run.schema import (
     Aggregation,
     ConfigError,
@@ -134,8 +134,7 @@ QUANT_KEYS = {
 
 def _validate_quant(cfg: DictConfig) -> None:
     """A quantized base that cannot run here fails now, naming the key and the reason."""
-    args = quant_args(cfg.model)
-    quant = QuantSpec(args["quantize"], args["quant_compute_dtype"], args["double_quant"])
+    quant = quant_spec(cfg.model)
     if not quant.enabled:
         return
     device = cfg.model.device
