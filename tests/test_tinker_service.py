@@ -1,0 +1,174 @@
+"""`python -m rlkit.service` driven by the official `tinker` SDK, unchanged: the service in a
+subprocess, the SDK in this process (its env variables point it at the service)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import tinker
+from conftest import free_port
+from tinker import types
+
+pytestmark = pytest.mark.slow
+
+
+def start(tmp_path, *args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rlkit.service",
+            "--port",
+            str(port),
+            "--dir",
+            str(tmp_path / "svc"),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the service exited:\n{proc.stdout.read()}")
+        try:
+            urllib.request.urlopen(f"{url}/api/v1/healthz", timeout=1).read()
+            return proc, url
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("the service did not answer within 120 s")
+
+
+@pytest.fixture(scope="module")
+def service_url(tmp_path_factory):
+    proc, url = start(tmp_path_factory.mktemp("service"))
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture
+def sdk(service_url, monkeypatch):
+    monkeypatch.setenv("TINKER_BASE_URL", service_url)
+    monkeypatch.setenv("TINKER_API_KEY", "tml-local")
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    client = tinker.ServiceClient()
+    yield client
+    client.close("success").result()
+
+
+def foo_datum(tok) -> types.Datum:
+    """The tutorial's first exercise: answer `foo`, the loss on the answer only."""
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi?"}], add_generation_prompt=True, return_dict=False
+    )
+    answer = tok.encode("foo", add_special_tokens=False) + [tok.eos_token_id]
+    tokens = prompt + answer
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": tokens[1:],
+            "weights": [0.0] * (len(prompt) - 1) + [1.0] * len(answer),
+        },
+    )
+
+
+def test_the_sft_loop_learns_and_a_saved_state_reloads_to_the_same_logprobs(sdk):
+    trainer = sdk.create_lora_training_client(base_model="rlkit-tiny", rank=16, seed=0).result()
+    datum = foo_datum(trainer.get_tokenizer())
+    losses = []
+    for _ in range(20):
+        fb = trainer.forward_backward([datum], "cross_entropy")
+        trainer.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+        losses.append(fb.result().metrics["loss:sum"])
+    assert losses[-1] < 0.2 * losses[0], losses
+
+    before = trainer.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+    path = trainer.save_state("after-sft").result().path
+    assert path.startswith("tinker://") and path.endswith("/weights/after-sft")
+    again = sdk.create_training_client_from_state(path).result()
+    after = again.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+    assert after.tolist() == before.tolist()
+
+    sampler = trainer.save_weights_and_get_sampling_client().result()
+    out = sampler.sample(
+        datum.model_input, num_samples=3, sampling_params=types.SamplingParams(max_tokens=6)
+    ).result()
+    assert len(out.sequences) == 3
+    assert all(len(s.logprobs) == len(s.tokens) > 0 for s in out.sequences)
+
+
+def test_the_same_requests_give_the_same_bits_as_rlkit_in_process(sdk):
+    """A client on the service gets what rlkit's own client gets, bit for bit."""
+    import rlkit
+
+    local = rlkit.ServiceClient(device="cpu", dtype="float32")
+    mine = local.create_lora_training_client("rlkit-tiny", rank=8, seed=3)
+    theirs = sdk.create_lora_training_client(base_model="rlkit-tiny", rank=8, seed=3).result()
+    datum = foo_datum(mine.get_tokenizer())
+    for client in (mine, theirs):
+        client.forward_backward([datum], "cross_entropy").result()
+        client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    a = mine.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+    b = theirs.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+    assert b.tolist() == a.tolist()
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("base_model", "no-such-model"),
+        ("loss", "stable_reinforce"),
+        ("lengths", "target_tokens"),
+        ("path", "no checkpoint at 'tinker://nope/weights/x'"),
+    ],
+)
+def test_bad_input_is_one_line_the_sdk_shows(sdk, bad, message):
+    with pytest.raises(tinker.RequestFailedError) as info:
+        if bad == "base_model":
+            sdk.create_lora_training_client(base_model="no-such-model", rank=8).result()
+        trainer = sdk.create_lora_training_client(base_model="rlkit-tiny", rank=8).result()
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints([1, 2, 3]),
+            loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
+        )
+        if bad == "loss":
+            trainer.forward_backward([datum], "stable_reinforce").result()
+        if bad == "lengths":
+            short = types.Datum(
+                model_input=types.ModelInput.from_ints([1, 2, 3]),
+                loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0, 1.0]},
+            )
+            trainer.forward_backward([short], "cross_entropy").result()
+        if bad == "path":
+            sdk.create_training_client_from_state("tinker://nope/weights/x").result()
+    text = str(info.value)
+    assert message in text and "Traceback" not in text and info.value.category == "user"
+
+
+def test_another_host_needs_an_api_key_and_a_wrong_key_is_refused(tmp_path, monkeypatch):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlkit.service", "--host", "0.0.0.0", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "--api-key" in proc.stderr.strip().splitlines()[-1]
+    server, url = start(tmp_path, "--api-key", "tml-secret")
+    try:
+        monkeypatch.setenv("TINKER_BASE_URL", url)
+        monkeypatch.setenv("TINKER_API_KEY", "tml-wrong")
+        monkeypatch.setenv("TINKER_TELEMETRY", "0")
+        with pytest.raises(tinker.AuthenticationError, match="wrong API key"):
+            tinker.ServiceClient().create_lora_training_client(base_model="rlkit-tiny", rank=8)
+    finally:
+        server.terminate()
+        server.wait(30)
