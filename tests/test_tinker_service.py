@@ -3,6 +3,7 @@ subprocess, the SDK in this process (its env variables point it at the service).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -172,3 +173,100 @@ def test_another_host_needs_an_api_key_and_a_wrong_key_is_refused(tmp_path, monk
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_an_rl_loop_written_for_tinker_samples_and_trains(sdk):
+    """The tutorial's RLVR shape on pair sums: sample groups, reward, advantages, then
+    importance_sampling on the sampled tokens; the policy moves."""
+    trainer = sdk.create_lora_training_client(base_model="rlkit-tiny", rank=8, seed=1).result()
+    tok = trainer.get_tokenizer()
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": f"{a}+{b}="}],
+            add_generation_prompt=True,
+            return_dict=False,
+        )
+        for a, b in [(1, 2), (3, 4)]
+    ]
+    first = None
+    for _ in range(3):
+        sampler = trainer.save_weights_and_get_sampling_client().result()
+        params = types.SamplingParams(max_tokens=6, temperature=1.0)
+        futures = [sampler.sample(types.ModelInput.from_ints(p), 4, params) for p in prompts]
+        datums = []
+        for prompt, future in zip(prompts, futures, strict=True):
+            sequences = future.result().sequences
+            rewards = [float("3" in tok.decode(s.tokens)) + 0.1 * len(s.tokens) for s in sequences]
+            mean = sum(rewards) / len(rewards)
+            for seq, reward in zip(sequences, rewards, strict=True):
+                tokens = prompt + seq.tokens
+                n = len(prompt) - 1
+                datums.append(
+                    types.Datum(
+                        model_input=types.ModelInput.from_ints(tokens[:-1]),
+                        loss_fn_inputs={
+                            "target_tokens": tokens[1:],
+                            "logprobs": [0.0] * n + list(seq.logprobs),
+                            "advantages": [0.0] * n + [reward - mean] * len(seq.tokens),
+                        },
+                    )
+                )
+        out = trainer.forward_backward(datums, "importance_sampling").result()
+        trainer.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+        logprobs = out.loss_fn_outputs[0]["logprobs"].tolist()
+        first = first or (datums[0], logprobs)
+    again = trainer.forward([first[0]], "importance_sampling").result()
+    assert again.loss_fn_outputs[0]["logprobs"].tolist() != first[1]  # the policy moved
+
+
+TWO_CLIENTS = """
+import json, sys, tinker
+from tinker import types
+seed = int(sys.argv[1])
+service = tinker.ServiceClient()
+trainer = service.create_lora_training_client(base_model="rlkit-tiny", rank=8, seed=seed).result()
+datum = types.Datum(
+    model_input=types.ModelInput.from_ints([5, 6, 7, 8]),
+    loss_fn_inputs={"target_tokens": [6, 7, 8, 9], "weights": [1.0] * 4},
+)
+for _ in range(5):
+    trainer.forward_backward([datum], "cross_entropy")
+    trainer.optim_step(types.AdamParams(learning_rate=1e-2))
+out = trainer.forward([datum], "cross_entropy").result()
+print(json.dumps(out.loss_fn_outputs[0]["logprobs"].tolist()))
+"""
+
+
+def test_two_sdk_processes_at_once_each_get_what_they_get_alone(service_url, tmp_path):
+    import json
+
+    import rlkit
+
+    script = tmp_path / "client.py"
+    script.write_text(TWO_CLIENTS)
+    env = {
+        **os.environ,
+        "TINKER_BASE_URL": service_url,
+        "TINKER_API_KEY": "tml-local",
+        "TINKER_TELEMETRY": "0",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(seed)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for seed in (11, 12)
+    ]
+    results = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    local = rlkit.ServiceClient(device="cpu", dtype="float32")
+    for seed, got in zip((11, 12), results, strict=True):
+        trainer = local.create_lora_training_client("rlkit-tiny", rank=8, seed=seed)
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints([5, 6, 7, 8]),
+            loss_fn_inputs={"target_tokens": [6, 7, 8, 9], "weights": [1.0] * 4},
+        )
+        for _ in range(5):
+            trainer.forward_backward([datum], "cross_entropy")
+            trainer.optim_step(types.AdamParams(learning_rate=1e-2))
+        alone = trainer.forward([datum], "cross_entropy").result()
+        assert got == alone.loss_fn_outputs[0]["logprobs"].tolist()
+    assert results[0] != results[1]
