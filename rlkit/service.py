@@ -222,7 +222,7 @@ class Service:
     """Sessions, models, samplers and futures, over one rlkit ServiceClient (so every client
     shares the base models it names)."""
 
-    def __init__(self, root: Path, client_args: dict) -> None:
+    def __init__(self, root: Path, client_args: dict, sample_window_s: float = 0.02) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.client = rlkit_client.ServiceClient(checkpoint_dir=root / "checkpoints", **client_args)
@@ -234,7 +234,9 @@ class Service:
         self.boot = secrets.token_hex(4)  # request ids of an earlier run never match
         self.requests = itertools.count(1)
         self.lock = threading.Lock()
-        self.pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="rlkit-service")
+        self.pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="rlkit-service")
+        self.sample_window_s = sample_window_s
+        self.last_sample = 0.0
 
     def new_session(self) -> str:
         counter = self.root / "sessions"
@@ -261,14 +263,29 @@ class Service:
         self.futures[request_id] = self.pool.submit(run)
         return {"request_id": request_id}
 
-    def after(self, call, convert=lambda x: x) -> dict:
+    def after(self, call, convert=lambda x: x, first=None) -> dict:
         """A future for `call()`, an rlkit call made now (so the model's calls keep the order
-        of the requests), its result converted by `convert` once it is ready."""
+        of the requests), its result converted by `convert` once it is ready (`first()`, if
+        given, runs before the result is asked for)."""
         try:
             future = call()
         except Exception as exc:  # refused before it ran: the same one line
             return self.submit(_raise, exc)
-        return self.submit(lambda: convert(future.result()))
+
+        def result():
+            if first is not None:
+                first()
+            return convert(future.result())
+
+        return self.submit(result)
+
+    def burst_over(self) -> None:
+        """Wait until no sampling request has come for `sample_window_s`: rlkit serves the
+        requests queued when a result is first asked for as one batch, and the SDK sends a
+        step's requests at once (measured at pair_sum's shapes: 16 requests one at a time took
+        1.9x the in-process step)."""
+        while (idle := time.monotonic() - self.last_sample) < self.sample_window_s:
+            time.sleep(self.sample_window_s - idle)
 
     def model(self, model_id: str) -> rlkit_client.TrainingClient:
         if model_id not in self.models:
@@ -548,7 +565,8 @@ def build_app(service: Service, api_key: str | None = None):
                 **extra,
             )
 
-        future = service.after(call, sample_to_proto)
+        service.last_sample = time.monotonic()
+        future = service.after(call, sample_to_proto, first=service.burst_over)
         seq = body.get("seq_id", 0)
         return {**future, "sample_sequence_ids": [f"{sampler_id}:{seq}:{i}" for i in range(n)]}
 
