@@ -270,3 +270,65 @@ def test_two_sdk_processes_at_once_each_get_what_they_get_alone(service_url, tmp
         alone = trainer.forward([datum], "cross_entropy").result()
         assert got == alone.loss_fn_outputs[0]["logprobs"].tolist()
     assert results[0] != results[1]
+
+
+def test_saved_weights_outlive_a_restart_and_unknown_futures_fail_in_one_line(
+    tmp_path, monkeypatch
+):
+    import json
+
+    monkeypatch.setenv("TINKER_API_KEY", "tml-local")
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([5, 6, 7]),
+        loss_fn_inputs={"target_tokens": [6, 7, 8], "weights": [1.0] * 3},
+    )
+    server, url = start(tmp_path)
+    try:
+        monkeypatch.setenv("TINKER_BASE_URL", url)
+        sdk = tinker.ServiceClient()
+        trainer = sdk.create_lora_training_client(base_model="rlkit-tiny", rank=8, seed=5).result()
+        trainer.forward_backward([datum], "cross_entropy")
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        path = trainer.save_state("kept").result().path
+        before = trainer.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+    finally:
+        server.kill()
+        server.wait(30)
+    server, url = start(tmp_path)  # the same --dir
+    try:
+        monkeypatch.setenv("TINKER_BASE_URL", url)
+        again = tinker.ServiceClient().create_training_client_from_state(path).result()
+        after = again.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+        assert after.tolist() == before.tolist()
+        request = urllib.request.Request(
+            f"{url}/api/v1/retrieve_future",
+            data=json.dumps({"request_id": "req-from-before"}).encode(),
+            headers={"X-API-Key": "tml-local", "Content-Type": "application/json"},
+        )
+        answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        assert "unknown to this service" in answer["error"] and "\n" not in answer["error"]
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_async_calls(sdk):
+    import asyncio
+
+    async def run():
+        trainer = await sdk.create_lora_training_client_async(base_model="rlkit-tiny", rank=8)
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints([5, 6, 7]),
+            loss_fn_inputs={"target_tokens": [6, 7, 8], "weights": [1.0] * 3},
+        )
+        fb = trainer.forward_backward([datum], "cross_entropy")  # futures that can be awaited
+        step = trainer.optim_step(types.AdamParams(learning_rate=1e-2))
+        loss = (await fb).metrics["loss:sum"]
+        await step
+        sampler = await trainer.save_weights_and_get_sampling_client()
+        out = await sampler.sample(datum.model_input, 2, types.SamplingParams(max_tokens=3))
+        return loss, out
+
+    loss, out = asyncio.run(run())
+    assert loss > 0 and len(out.sequences) == 2
