@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import supervised_steps, trainer_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlkit import export
 from rlkit.backend import models
+from tests.helpers import supervised_steps, trainer_logprobs
 
 PROBE = "a probe sentence, not the training text"
 
