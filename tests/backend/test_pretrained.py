@@ -15,6 +15,7 @@ from rlkit.backend import models
 from tests.helpers import chat_prompt
 
 
+@pytest.mark.slow  # the real model's checkpoint: converted once per session (~20 s)
 def test_the_converted_checkpoint_is_cached_with_checksums_and_its_chat_template(smollm2):
     path = Path(smollm2)
     record = json.loads((path / "rlkit_build.json").read_text())
@@ -34,6 +35,7 @@ def test_the_converted_checkpoint_is_cached_with_checksums_and_its_chat_template
     assert models.resolve("smollm2-135m-instruct") == smollm2  # cached: not converted again
 
 
+@pytest.mark.slow  # the real model (135M parameters) loaded and sampled
 def test_the_real_model_samples_through_the_api(smollm2, service):
     """Loaded like any local checkpoint; greedy, it answers a one-digit sum in its own style."""
     trainer = service.create_lora_training_client("smollm2-135m-instruct", rank=4, seed=0)

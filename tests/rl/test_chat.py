@@ -87,6 +87,7 @@ def check_against_oracle(tokenizer, turns, roles, system=True):
 ROLE_SETS = [("tool",) * 4, ("user",) * 4, ("tool", "tool", "user", "tool")]
 
 
+@pytest.mark.slow  # the real model's checkpoint: converted once per session (~20 s)
 @pytest.mark.parametrize("roles", ROLE_SETS)
 @pytest.mark.parametrize("system", [True, False])
 def test_smollm2s_template_renders_the_episode_token_for_token(smollm2, roles, system):
@@ -117,6 +118,7 @@ def test_a_template_that_does_not_end_turns_with_the_end_of_turn_token_is_refuse
         message_tokens(tokenizer, "tool", "6", [1, 2])
 
 
+@pytest.mark.slow  # the real model's checkpoint: converted once per session (~20 s)
 def test_the_warm_start_renders_observations_as_rollouts_do(smollm2):
     tokenizer = smollm2_tokenizer(smollm2)
     messages = [{"role": "user", "content": "What is 12 * 7?"}]

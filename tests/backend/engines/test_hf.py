@@ -127,6 +127,7 @@ def test_hf_engine_filters_a_batch_as_each_row():
         assert torch.equal(batch[row], _filtered(logits[row], params))
 
 
+@pytest.mark.slow  # tied_llama has the real model's tokenizer: its conversion (~20 s)
 def test_the_hf_engine_samples_a_tied_output_layers_adapter_exactly(service, tied_llama):
     """Merging an adapter on an output layer tied to the input embeddings would change the
     embeddings too: the sampler's copy gets its own embeddings first (sampler logprobs vs the
@@ -142,6 +143,7 @@ def test_the_hf_engine_samples_a_tied_output_layers_adapter_exactly(service, tie
     assert max(abs(a - b) for a, b in zip(served, trained.tolist(), strict=True)) < 1e-5
 
 
+@pytest.mark.slow  # the real model (135M parameters) trained and sampled
 def test_the_hf_engine_serves_the_trained_real_model(smollm2, service):
     """After steps that move every adapter matrix (the tied output layer's included), the
     sampler's post-sync probe and its sampled tokens' logprobs agree with the trainer's.
