@@ -4,6 +4,7 @@ damaged), the KL reference (the base model or a saved adapter), the entropy bonu
 quantized base falls back to, and several clients on one base model (one copy of its weights,
 each client's own bits, whichever thread drives it)."""
 
+import json
 import logging
 import os
 import threading
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 import rlkit
 from rlkit.api import types
 from rlkit.api.errors import NoGradientsError, RlkitError
+from rlkit.backend.learner import STATE_FILE, read_state
 from tests.helpers import (
     adapter_tensors,
     chat_datum,
@@ -136,6 +138,20 @@ def test_load_state_from_a_damaged_folder_names_the_file(trainer, damage, messag
         state.write_text("{not json")
     with pytest.raises(RlkitError, match=message):
         trainer.load_state(str(path)).result()
+
+
+def test_read_state_is_what_save_state_wrote_and_refuses_what_is_not_a_checkpoint(trainer):
+    trainer.forward_backward(sft_datums(trainer.get_tokenizer(), n=1), "cross_entropy").result()
+    trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    path = Path(trainer.save_state("one-step").result().path)
+    state = read_state(path)
+    assert (state["base_model"], state["step"], state["adapter"]["rank"]) == ("rlkit-tiny", 1, 8)
+    (path / STATE_FILE).write_text(json.dumps({"base_model": "rlkit-tiny", "adapter": {}}))
+    with pytest.raises(RlkitError, match="has no step: not an rlkit checkpoint"):
+        read_state(path)
+    (path / STATE_FILE).write_text(json.dumps({**state, "adapter": "r8"}))
+    with pytest.raises(RlkitError, match="'adapter' is 'r8', not its settings"):
+        read_state(path)
 
 
 def test_sampler_weights_round_trip(service, trainer):
