@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import supervised_steps, trainer_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlkit import export
 from rlkit.backend import models
+from tests.helpers import supervised_steps, trainer_logprobs
 
 PROBE = "a probe sentence, not the training text"
 
@@ -59,6 +59,7 @@ def test_a_merged_export_has_the_logits_of_base_plus_adapter(service, tmp_path, 
     assert tokenizer.encode(PROBE) == tokens
 
 
+@pytest.mark.slow  # tied_llama has the real model's tokenizer: its conversion (~20 s)
 def test_a_tied_output_layer_is_untied_before_merging(service, tmp_path, tied_llama):
     trainer, adapter = trained(service, tied_llama, train_unembed=True)
     export.export(adapter, tmp_path / "merged", merge=True)

@@ -1,0 +1,115 @@
+"""What the end-to-end tests share (`from tests.e2e.runs import ...`): shortened runs, the CLI
+in a subprocess, bitwise comparison of run dirs, and fault injection and waiting in child
+processes."""
+
+import os
+import subprocess
+import sys
+
+from rlkit.run import compare
+
+# A shortened pair_sum run on the tiny model: seconds, not minutes.
+FAST = [
+    "recipe=pair_sum",
+    "model=rlkit_tiny",
+    "adapter.rank=4",
+    "warmup.steps=2",
+    "warmup.batch_size=4",
+    "steps=3",
+    "groups_per_step=2",
+    "group_size=4",
+    "max_tokens=12",
+    "env.eval_size=4",
+    "eval_every=2",
+    "samples_every=1",
+    "optim.schedule=linear",  # (the recipe's too) asserted below
+    # Length varies even when answers are all wrong, so RL steps have a signal.
+    "reward=[format,correct,concise]",
+    "reward.concise.only_correct=false",
+]
+
+
+def cli(args, cwd, extra_env=None, check=True):
+    env = {**os.environ, **(extra_env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlkit", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rlkit {args} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+# A tiny pair_sum run (rlkit-tiny, 4 RL steps, checkpoints at steps 0, 2, 4): what the
+# reproducibility tests compare byte for byte.
+STEPS = 4
+TINY = [
+    "recipe=pair_sum",
+    "model=rlkit_tiny",
+    "adapter.rank=4",
+    "warmup.steps=1",
+    "warmup.batch_size=4",
+    f"steps={STEPS}",
+    "groups_per_step=2",
+    "group_size=4",
+    "max_tokens=8",
+    "env.eval_size=2",
+    f"eval_every={STEPS}",
+    "samples_every=2",
+    # Length varies even when answers are all wrong, so RL steps have a signal.
+    "reward=[format,correct,concise]",
+    "reward.concise.only_correct=false",
+    "checkpoint.every=2",
+    "determinism.num_threads=1",
+]
+
+
+def assert_same_as(reference, run_dir):
+    """`run_dir` is bitwise the run `reference` (as `rlkit.repro compare` says), metrics.jsonl
+    and the adapter's files byte for byte."""
+    result = compare.compare(reference, run_dir)
+    assert result.equal, compare.report(result, reference, run_dir)
+    assert (run_dir / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (run_dir / "adapter" / name).read_bytes() == (
+            reference / "adapter" / name
+        ).read_bytes()
+
+
+def replace_rollout_metrics(directory, body: str) -> str:
+    """A PYTHONPATH under which a Python process replaces, as it starts (sitecustomize), the
+    loop's `rlkit.rl.rollouts.rollout_metrics` with one running `body` (Python lines, indented
+    by 4; `original(*args, **kwargs)` is the real one). For fault injection in child processes."""
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(
+        "import time\n\nimport rlkit.rl.rollouts\n\n"
+        "original = rlkit.rl.rollouts.rollout_metrics\n\n\n"
+        f"def replacement(*args, **kwargs):\n{body}\n\n\n"
+        "rlkit.rl.rollouts.rollout_metrics = replacement\n"
+    )
+    return str(directory)
+
+
+def wait_for_lines(path, lines: int, process, timeout: float = 240.0) -> None:
+    """Until the file `path` has `lines` lines (a run's progress), `process` ends, or `timeout`
+    seconds pass."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.2)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now, on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

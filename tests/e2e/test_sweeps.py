@@ -1,0 +1,152 @@
+"""Sweeps (`python -m rlkit -m ...`), end to end: the summary table and plot; and
+`hydra/launcher=adapters`, a sweep's arms trained together as adapters on one base model, each
+bitwise what it is under Hydra's basic launcher; refused sweeps; stop and resume."""
+
+import json
+
+import pytest
+
+from rlkit.run import compare
+from tests.e2e.runs import FAST, cli
+
+# Subprocess runs of `python -m rlkit -m`.
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_writes_summary_table_and_plot(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = cli(
+        ["-m", *FAST, "optim.lr=1e-4,3e-4", "seed=0,1", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path,
+    )
+    table = (sweep_dir / "sweep_summary.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 4
+    assert all(("optim.lr=" in row and "seed=" in row) for row in rows)
+    assert (sweep_dir / "sweep_curves.png").stat().st_size > 1000
+    assert "sweep summary" in proc.stderr
+
+
+# Two arms of a shortened pair_sum run on the tiny model.
+ARMS_RUN = [
+    "recipe=pair_sum",
+    "model=rlkit_tiny",
+    "adapter.rank=4",
+    "warmup.steps=3",
+    "warmup.batch_size=4",
+    "steps=4",
+    "groups_per_step=2",
+    "group_size=4",
+    "max_tokens=12",
+    "env.eval_size=4",
+    "eval_every=2",
+    "checkpoint.every=2",
+    # Length varies even when answers are all wrong, so RL steps have a signal.
+    "reward=[format,correct,concise]",
+    "reward.concise.only_correct=false",
+]
+SWEEP = ["-m", *ARMS_RUN, "seed=0,1", "optim.lr=3e-4"]
+ADAPTERS = ["hydra/launcher=adapters", "hydra.launcher.arms=2"]
+ARMS = ("0", "1")
+
+
+def bitwise(a, b) -> bool:
+    """metrics.jsonl and adapter/ identical (what `python -m rlkit.repro compare` checks)."""
+    return compare.compare(a, b).equal
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The sweep under the adapters launcher, uninterrupted: its dir and its process."""
+    root = tmp_path_factory.mktemp("reference")
+    proc = cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={root / 'sweep'}"], cwd=root)
+    return root / "sweep", proc
+
+
+def resume_matches(tmp_path, sweep, reference) -> None:
+    """`resume=auto` finishes every arm of `sweep`, bitwise as the uninterrupted sweep."""
+    cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={sweep}", "resume=auto"], cwd=tmp_path)
+    for arm in ARMS:
+        assert bitwise(sweep / arm, reference / arm), arm
+
+
+@pytest.mark.slow
+def test_arms_as_adapters_equal_the_basic_launchers_runs_bitwise(tmp_path, reference):
+    adapters, proc = reference
+    again, basic = tmp_path / "again", tmp_path / "basic"
+    cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={again}"], cwd=tmp_path)
+    cli([*SWEEP, f"hydra.sweep.dir={basic}"], cwd=tmp_path)
+    for arm in ARMS:
+        assert bitwise(adapters / arm, basic / arm), arm  # as if each ran alone
+        assert bitwise(adapters / arm, again / arm), arm  # and again, the same bits
+        manifest = json.loads((adapters / arm / "manifest.json").read_text())
+        assert manifest["sweep"] == {"launcher": "adapters", "arms": 2, "arm": int(arm)}
+        assert (adapters / arm / "adapter" / "adapter_model.safetensors").is_file()
+        assert (adapters / arm / ".hydra" / "overrides.yaml").is_file()
+    # The arms differ (seeds): not one run written twice.
+    assert not bitwise(adapters / "0", adapters / "1")
+    assert (adapters / "sweep_summary.md").read_text().count("seed=") == 2
+    assert (adapters / "sweep_curves.png").stat().st_size > 1000
+    assert "sweep summary" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_sigkilled_sweep_resumes_every_arm_exactly(tmp_path, reference):
+    sweep = tmp_path / "sweep"
+    # Killed halfway through writing the checkpoint of step 2 (by whichever arm gets there
+    # first): the process dies with every arm wherever it was.
+    killed = cli(
+        [*SWEEP, *ADAPTERS, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        extra_env={"RLKIT_FAULT": "kill-in-checkpoint:2"},
+        check=False,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (sweep / "0" / "summary.json").exists()
+    resume_matches(tmp_path, sweep, reference[0])
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_arm_with_a_checkpoint_and_resume_finishes_them(tmp_path, reference):
+    sweep = tmp_path / "sweep"
+    # SIGTERM (sent by the process itself after an arm's 2nd warm-start step): every arm
+    # finishes what it is doing, writes a checkpoint and stops; the sweep exits 0.
+    stopped = cli(
+        [*SWEEP, *ADAPTERS, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        extra_env={"RLKIT_FAULT": "sigterm-in-warmup:2"},
+    )
+    assert "sweep stopped" in stopped.stdout + stopped.stderr
+    assert "resume=auto" in stopped.stdout + stopped.stderr
+    for arm in ARMS:
+        assert (sweep / arm / "checkpoints" / "latest").exists(), arm
+        assert not (sweep / arm / "summary.json").exists()
+    resume_matches(tmp_path, sweep, reference[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "swept, key",
+    [
+        ("model.base_model=rlkit-tiny,rlkit-small", "model.base_model"),
+        ("engine=hf,vllm", "engine._target_"),
+        ("model.dtype=float32,bfloat16", "model.dtype"),
+    ],
+)
+def test_arms_that_cannot_share_a_base_are_refused_naming_the_key(tmp_path, swept, key):
+    sweep = tmp_path / "sweep"
+    proc = cli([*SWEEP, swept, *ADAPTERS, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert f"differ in {key}" in lines[0] and "hydra/launcher=basic" in lines[0]
+    assert not list(sweep.glob("*/metrics.jsonl"))  # nothing ran
+
+
+@pytest.mark.slow
+def test_fewer_than_one_arm_at_a_time_is_refused(tmp_path):
+    proc = cli(
+        [*SWEEP, "hydra/launcher=adapters", "hydra.launcher.arms=0"], cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 1
+    assert "hydra.launcher.arms must be a whole number >= 1" in proc.stderr, proc.stderr
