@@ -5,6 +5,8 @@ processes."""
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 
 from rlkit.run import compare
 
@@ -113,3 +115,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_service(tmp_path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`python -m rlkit.service` on a free port, its --dir under `tmp_path`, once it answers;
+    the process and its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rlkit.service",
+            "--port",
+            str(port),
+            "--dir",
+            str(tmp_path / "svc"),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the service exited:\n{proc.stdout.read()}")
+        try:
+            urllib.request.urlopen(f"{url}/api/v1/healthz", timeout=1).read()
+            return proc, url
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("the service did not answer within 120 s")

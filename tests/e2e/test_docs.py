@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.runs import start_service
+
 # The docs' commands and the site build run in subprocesses; the two extraction checks
 # guard what the others run.
 pytestmark = pytest.mark.slow
@@ -65,8 +67,8 @@ def split(page: Path) -> tuple[dict[str, str], list[str]]:
     return files, scripts
 
 
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(cwd)}
+def run(args: list[str], cwd: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(cwd), **(extra_env or {})}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -104,10 +106,20 @@ def test_python_examples_run(page, tmp_path):
         (tmp_path / name).write_text(text + "\n")
         proc = run([sys.executable, "-c", f"import {name[:-3]}"], tmp_path)
         assert proc.returncode == 0, f"{page.name}: {name}\n{proc.stderr[-3000:]}"
-    if scripts:
-        (tmp_path / "examples.py").write_text("\n\n".join(scripts) + "\n")
-        proc = run([sys.executable, "examples.py"], tmp_path)
-        assert proc.returncode == 0, f"{page.name}\n{proc.stderr[-3000:]}"
+    if not scripts:
+        return
+    (tmp_path / "examples.py").write_text("\n\n".join(scripts) + "\n")
+    service, env = None, {}
+    if any("import tinker" in script for script in scripts):  # the official SDK: a service
+        service, url = start_service(tmp_path)
+        env = {"TINKER_BASE_URL": url, "TINKER_API_KEY": "tml-local", "TINKER_TELEMETRY": "0"}
+    try:
+        proc = run([sys.executable, "examples.py"], tmp_path, env)
+    finally:
+        if service is not None:
+            service.terminate()
+            service.wait(30)
+    assert proc.returncode == 0, f"{page.name}\n{proc.stderr[-3000:]}"
 
 
 def commands() -> list[tuple[Path, str]]:

@@ -6,46 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 import tinker
-from conftest import free_port
 from tinker import types
 
+from tests.e2e.runs import start_service as start
+
 pytestmark = pytest.mark.slow
-
-
-def start(tmp_path, *args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rlkit.service",
-            "--port",
-            str(port),
-            "--dir",
-            str(tmp_path / "svc"),
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the service exited:\n{proc.stdout.read()}")
-        try:
-            urllib.request.urlopen(f"{url}/api/v1/healthz", timeout=1).read()
-            return proc, url
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("the service did not answer within 120 s")
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +286,7 @@ def test_async_calls(sdk):
     import asyncio
 
     async def run():
-        trainer = await sdk.create_lora_training_client_async(base_model="rlkit-tiny", rank=8)
+        trainer = await sdk.create_lora_training_client(base_model="rlkit-tiny", rank=8)
         datum = types.Datum(
             model_input=types.ModelInput.from_ints([5, 6, 7]),
             loss_fn_inputs={"target_tokens": [6, 7, 8], "weights": [1.0] * 3},
