@@ -357,18 +357,30 @@ def build_app(service: Service, api_key: str | None = None):
                 return JSONResponse({"detail": "the API key must start with 'tml-'"}, 401)
         return await call_next(request)
 
-    async def json_body(request: Request) -> dict:
-        body = await request.body()
-        return json.loads(body) if body else {}
+    _session_routes(app, service)
+    _training_routes(app, service)
+    _weights_routes(app, service)
+    _sampling_routes(app, service)
+    _future_routes(app, service)
+    return app
 
-    def answer(work, *args):
-        """Run a direct (non-future) call; its error is a 400 with one line."""
-        try:
-            return work(*args)
-        except Exception as exc:
-            return JSONResponse({"detail": one_line(exc)}, 400)
 
-    # ---- session-level ----
+async def json_body(request: Request) -> dict:
+    body = await request.body()
+    return json.loads(body) if body else {}
+
+
+def answer(work, *args):
+    """Run a direct (non-future) call; its error is a 400 with one line."""
+    try:
+        return work(*args)
+    except Exception as exc:
+        return JSONResponse({"detail": one_line(exc)}, 400)
+
+
+def _session_routes(app: FastAPI, service: Service) -> None:
+    """Start-up, sessions, heartbeats, telemetry, health."""
+
     @app.post("/api/v1/client/config")
     async def client_config():
         # Chunks of one forward_backward arrive in order; no pyqwest, no JWT.
@@ -405,7 +417,10 @@ def build_app(service: Service, api_key: str | None = None):
     async def capabilities():
         return service.client.get_server_capabilities()
 
-    # ---- training ----
+
+def _training_routes(app: FastAPI, service: Service) -> None:
+    """Training clients: create, get_info, forward(-backward), optim_step."""
+
     @app.post("/api/v1/create_model")
     async def create_model(request: Request):  # loads the base (once): in a thread
         body = await json_body(request)
@@ -461,6 +476,10 @@ def build_app(service: Service, api_key: str | None = None):
         return service.after(
             call, lambda out: {"metrics": {f"{k}:mean": v for k, v in out.metrics.items()}}
         )
+
+
+def _weights_routes(app: FastAPI, service: Service) -> None:
+    """Saved weights: save_state, save_weights_for_sampler, load_weights, their listing."""
 
     @app.post("/api/v1/save_weights")
     async def save_weights(request: Request):
@@ -525,7 +544,10 @@ def build_app(service: Service, api_key: str | None = None):
     async def list_checkpoints(model_id: str):
         return {"checkpoints": service.checkpoints.of(model_id), "cursor": None}
 
-    # ---- sampling ----
+
+def _sampling_routes(app: FastAPI, service: Service) -> None:
+    """Sampling sessions and sampling."""
+
     @app.post("/api/v1/create_sampling_session")
     async def create_sampling_session(request: Request):
         body = await json_body(request)
@@ -580,7 +602,10 @@ def build_app(service: Service, api_key: str | None = None):
         seq = body.get("seq_id", 0)
         return {**future, "sample_sequence_ids": [f"{sampler_id}:{seq}:{i}" for i in range(n)]}
 
-    # ---- futures ----
+
+def _future_routes(app: FastAPI, service: Service) -> None:
+    """Polling for results, and the answer to anything else."""
+
     @app.post("/api/v1/retrieve_future")
     async def retrieve_future(request: Request):
         body = await json_body(request)
@@ -605,8 +630,6 @@ def build_app(service: Service, api_key: str | None = None):
         return JSONResponse(
             {"detail": f"{request.method} /{path} is not supported by rlkit's Tinker service"}, 404
         )
-
-    return app
 
 
 def _chunk_tokens(chunk: dict) -> list[int]:
