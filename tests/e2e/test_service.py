@@ -261,13 +261,15 @@ def test_saved_weights_outlive_a_restart_and_unknown_futures_fail_in_one_line(
         trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
         path = trainer.save_state("kept").result().path
         before = trainer.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+        sdk.close("success").result()  # no heartbeats left calling a killed service
     finally:
         server.kill()
         server.wait(30)
     server, url = start(tmp_path)  # the same --dir
     try:
         monkeypatch.setenv("TINKER_BASE_URL", url)
-        again = tinker.ServiceClient().create_training_client_from_state(path).result()
+        sdk = tinker.ServiceClient()
+        again = sdk.create_training_client_from_state(path).result()
         after = again.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
         assert after.tolist() == before.tolist()
         request = urllib.request.Request(
@@ -277,6 +279,7 @@ def test_saved_weights_outlive_a_restart_and_unknown_futures_fail_in_one_line(
         )
         answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
         assert "unknown to this service" in answer["error"] and "\n" not in answer["error"]
+        sdk.close("success").result()
     finally:
         server.terminate()
         server.wait(30)
