@@ -17,22 +17,15 @@ import os
 import sys
 
 import torch
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
 
 from rlkit import client
 from rlkit.api.errors import RlkitError
 from rlkit.run import config
 from rlkit.run.schema import ConfigError
-from rlkit.run.validate import validate
 
 
 def vllm_command(overrides: list[str], vllm_flags: list[str]) -> list[str]:
-    try:  # the run's config, checked as a run checks it: an error names the key
-        cfg = config.compose(overrides)
-        validate(cfg)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(str(exc).strip()) from None
+    cfg = config.checked(overrides)  # checked as a run checks it: an error names the key
     dtype = str(cfg.model.dtype)
     gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
     if dtype == "auto":

@@ -228,8 +228,8 @@ class Service:
         self.client = rlkit_client.ServiceClient(checkpoint_dir=root / "checkpoints", **client_args)
         self.checkpoints = Checkpoints(root / "checkpoints.json")
         self.models: dict[str, rlkit_client.TrainingClient] = {}
-        self.samplers: dict[str, tuple[rlkit_client.SamplingClient, str, str | None]] = {}
-        self.sessions: dict[str, float] = {}  # session id -> time of its last sign of life
+        # sampling session id -> its sampler and the tinker:// path it serves (None: no file)
+        self.samplers: dict[str, tuple[rlkit_client.SamplingClient, str | None]] = {}
         self.futures: dict[str, concurrent.futures.Future] = {}
         self.boot = secrets.token_hex(4)  # request ids of an earlier run never match
         self.requests = itertools.count(1)
@@ -246,9 +246,7 @@ class Service:
         with self.lock:
             n = int(counter.read_text()) + 1 if counter.exists() else 1
             counter.write_text(str(n))
-        session = f"session-{n}"
-        self.sessions[session] = time.monotonic()
-        return session
+        return f"session-{n}"
 
     def submit(self, work, *args) -> dict:
         """Run `work(*args)` (its value: a JSON-ready dict or protobuf bytes) in a thread, as a
@@ -300,14 +298,10 @@ class Service:
             raise ValueError(f"unknown model_id {model_id!r} (not created on this service run)")
         return self.models[model_id]
 
-    def sampler(self, sampler_id: str) -> tuple[rlkit_client.SamplingClient, str, str | None]:
+    def sampler(self, sampler_id: str) -> tuple[rlkit_client.SamplingClient, str | None]:
         if sampler_id not in self.samplers:
             raise ValueError(f"unknown sampling session {sampler_id!r}")
         return self.samplers[sampler_id]
-
-
-def _raise(exc: BaseException):
-    raise exc
 
 
 def _create_model(service: Service, body: dict) -> dict:
@@ -335,11 +329,6 @@ def _saved(service: Service, model_id: str, kind: str, name: str, out) -> dict:
         "path": tinker_path,
         "type": "save_weights" if kind == "weights" else "save_weights_for_sampler",
     }
-
-
-def _new_sampler(service: Service, sampler_id: str, make, base_model: str, path: str | None):
-    service.samplers[sampler_id] = (make(), base_model, path)
-    return sampler_id
 
 
 def build_app(service: Service, api_key: str | None = None):
@@ -395,9 +384,7 @@ def _session_routes(app: FastAPI, service: Service) -> None:
         return {"session_id": service.new_session(), "type": "create_session"}
 
     @app.post("/api/v1/session_heartbeat")
-    async def heartbeat(request: Request):
-        body = await json_body(request)
-        service.sessions[body.get("session_id", "")] = time.monotonic()
+    async def heartbeat():
         return {"type": "session_heartbeat"}
 
     @app.post("/api/v1/telemetry")
@@ -405,8 +392,7 @@ def _session_routes(app: FastAPI, service: Service) -> None:
         return {"status": "accepted"}
 
     @app.post("/api/v1/sessions/{session_id}/finish")
-    async def finish(session_id: str):
-        service.sessions.pop(session_id, None)
+    async def finish():
         return {}
 
     @app.get("/api/v1/healthz")
@@ -506,10 +492,8 @@ def _weights_routes(app: FastAPI, service: Service) -> None:
         sampler_id = f"{session}:sample:{body.get('sampling_session_seq_id', 0)}"
 
         def run():  # blocks until the weights are taken: the SDK waits for it before going on
-            trainer = service.model(model_id)
-            base = trainer.get_info().base_model
-            make = trainer.save_weights_and_get_sampling_client
-            service.on_model(_new_sampler, service, sampler_id, make, base, None)
+            make = service.model(model_id).save_weights_and_get_sampling_client
+            service.samplers[sampler_id] = (service.on_model(make), None)
             return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
         return service.submit(run)
@@ -557,12 +541,10 @@ def _sampling_routes(app: FastAPI, service: Service) -> None:
             path = body.get("model_path")
             if path:
                 local = service.checkpoints.local(path)
-                base = json.loads((Path(local) / "rlkit_state.json").read_text())["base_model"]
-                sampler = lambda: service.client.create_sampling_client(model_path=local)  # noqa: E731
+                sampler = service.client.create_sampling_client(model_path=local)
             else:
-                base = body["base_model"]
-                sampler = lambda: service.client.create_sampling_client(base_model=base)  # noqa: E731
-            _new_sampler(service, sampler_id, sampler, base, path)
+                sampler = service.client.create_sampling_client(base_model=body["base_model"])
+            service.samplers[sampler_id] = (sampler, path)
             return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
         return await asyncio.to_thread(answer, service.on_model, make)
@@ -570,7 +552,8 @@ def _sampling_routes(app: FastAPI, service: Service) -> None:
     @app.get("/api/v1/samplers/{sampler_id}")
     async def get_sampler(sampler_id: str):
         def get():
-            _, base, path = service.sampler(sampler_id)
+            sampler, path = service.sampler(sampler_id)
+            base = sampler.get_base_model()
             return {"sampler_id": sampler_id, "base_model": base, "model_path": path}
 
         return answer(get)
@@ -581,7 +564,7 @@ def _sampling_routes(app: FastAPI, service: Service) -> None:
         sampler_id, n = body["sampling_session_id"], int(body.get("num_samples", 1))
 
         def call():
-            sampler, _, _ = service.sampler(sampler_id)
+            sampler, _ = service.sampler(sampler_id)
             tokens = [t for c in body["prompt"]["chunks"] for t in _chunk_tokens(c)]
             params = types.SamplingParams(**body.get("sampling_params", {}))
             extra = {
@@ -649,26 +632,10 @@ engine=, engine.*=, model.share_prefix=). Saved weights live under --dir (defaul
 
 def client_args(overrides: list[str]) -> dict:
     """The ServiceClient's settings from run-config overrides, checked as a run checks them."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     from rlkit.run import config
-    from rlkit.run.build import engine_args
-    from rlkit.run.schema import ConfigError
-    from rlkit.run.validate import validate
+    from rlkit.run.build import service_args
 
-    try:
-        cfg = config.compose(["model=rlkit_tiny", *overrides])
-        validate(cfg)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(str(exc).strip()) from None
-    model = cfg.model
-    return {
-        "device": None if model.device == "auto" else model.device,
-        "dtype": None if model.dtype == "auto" else str(model.dtype),
-        "share_prefix": bool(model.share_prefix),
-        **engine_args(cfg.engine),
-    }
+    return service_args(config.checked(["model=rlkit_tiny", *overrides]))
 
 
 def main(argv: list[str]) -> None:

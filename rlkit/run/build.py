@@ -38,6 +38,18 @@ def quant_keys() -> dict[str, str]:
     return {f.name: QUANT_RENAME.get(f.name, f.name) for f in dataclasses.fields(QuantSpec)}
 
 
+def service_args(cfg: DictConfig) -> dict[str, Any]:
+    """A run config's machine keys as ServiceClient arguments: device, dtype, prefix sharing
+    and the engine with its options."""
+    model = cfg.model
+    return {
+        "device": None if model.device == "auto" else model.device,
+        "dtype": None if model.dtype == "auto" else str(model.dtype),
+        "share_prefix": bool(model.share_prefix),
+        **engine_args(cfg.engine),
+    }
+
+
 def engine_args(engine: DictConfig) -> dict[str, Any]:
     """`engine` as ServiceClient arguments: the engine class's path and its options."""
     options = {k: v for k, v in plain(engine).items() if k != "_target_"}

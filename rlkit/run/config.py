@@ -44,6 +44,23 @@ def compose(overrides: list[str] = ()) -> DictConfig:
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
+def checked(overrides: list[str] = ()) -> DictConfig:
+    """`compose(overrides)`, validated as a run validates it; Hydra's own errors (an unknown
+    group option, a bad override) as a ConfigError too: every mistake is one ConfigError."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlkit.run.schema import ConfigError
+    from rlkit.run.validate import validate
+
+    try:
+        cfg = compose(overrides)
+        validate(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(str(exc).strip()) from None
+    return cfg
+
+
 def options(group: str) -> list[str]:
     """The built-in options of a config group (file names without .yaml)."""
     folder = RECIPES_DIR if group == "recipe" else CONF_DIR / group

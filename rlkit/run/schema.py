@@ -44,15 +44,25 @@ def ranged(default: Any, rule: Rule) -> Any:
     return field(default=default, metadata={"rule": rule})
 
 
+def sections(cls: type) -> dict[str, type]:
+    """A schema dataclass's sections: its fields that are dataclasses themselves, by name."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        kind = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(kind):
+            out[f.name] = kind
+    return out
+
+
 def rules(cls: type, prefix: str = "") -> list[tuple[str, Rule]]:
     """Every (key path, rule) of a schema dataclass, its sections' included, in field order."""
     out = []
+    inner = sections(cls)
     for f in dataclasses.fields(cls):
         if "rule" in f.metadata:
             out.append((prefix + f.name, f.metadata["rule"]))
-        kind = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(kind):
-            out += rules(kind, f"{prefix}{f.name}.")
+        if f.name in inner:
+            out += rules(inner[f.name], f"{prefix}{f.name}.")
     return out
 
 

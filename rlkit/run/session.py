@@ -31,7 +31,7 @@ import rlkit
 import rlkit.client
 from rlkit.api.errors import RlkitError
 from rlkit.run import seeds
-from rlkit.run.build import adapter_args, as_callable, engine_args, plain, quant_args
+from rlkit.run.build import adapter_args, as_callable, plain, quant_args, service_args
 from rlkit.run.checkpoint import Checkpointer, Resumed, take
 from rlkit.run.manifest import write_manifest
 from rlkit.run.outputs import (
@@ -107,12 +107,9 @@ class Session:
             runtime = {"run_dir": str(run_dir), "run_config": plain(cfg)}
             sinks.append(as_callable(cfg.logger, "logger", runtime=runtime))
         service = rlkit.ServiceClient(
-            device=None if cfg.model.device == "auto" else cfg.model.device,
-            dtype=None if cfg.model.dtype == "auto" else str(cfg.model.dtype),
             checkpoint_dir=run_dir / "checkpoints",
-            share_prefix=cfg.model.share_prefix,
             shares_with=arm.service if arm else None,
-            **engine_args(cfg.engine),
+            **service_args(cfg),
         )
         trainer = service.create_lora_training_client(
             cfg.model.base_model,

@@ -21,20 +21,11 @@ from rlkit.run.schema import (
     OverlongMode,
     RunConfig,
     rules,
+    sections,
 )
 
-TYPED_SECTIONS = (
-    "model",
-    "adapter",
-    "loss",
-    "kl",
-    "overlong",
-    "optim",
-    "warmup",
-    "determinism",
-    "checkpoint",
-    "distributed",
-)
+# The sections the schema types (a `+key=value` must not add keys to them).
+TYPED_SECTIONS = tuple(sections(RunConfig))
 DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RULES = rules(RunConfig)
 
