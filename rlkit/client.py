@@ -38,6 +38,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from rlkit.api.adapter import AdapterSpec
+from rlkit.api.errors import RlkitError
 from rlkit.api.quant import QuantSpec
 from rlkit.api.types import (
     DTYPES,
@@ -193,11 +194,23 @@ class _Worker:
     """
 
     def __init__(self, learner: Learner) -> None:
-        self.learner = learner
+        self._learner = learner
         self._lock = learner.shared.lock  # the training model and optimizer
         self._engine_lock = learner.shared.engine_lock  # the rollout engine
         self._queues_lock = threading.Lock()
         self._queues: dict[int, list[tuple[int, Snapshot, Request, bool, Any]]] = {}
+
+    @property
+    def learner(self) -> Learner:
+        if self._learner.model is None:
+            raise RlkitError(
+                "this training client was closed (its adapter, optimizer state and samplers "
+                "are gone): make a new one, e.g. from a saved state"
+            )
+        return self._learner
+
+    def close(self) -> None:
+        self._learner.shared.run(self._learner.close)
 
     def submit(self, fn: Callable[..., T], *args, engine: bool = False, **kwargs) -> APIFuture[T]:
         """Run `fn` now (after this thread's queued samples), under the engine's lock when
@@ -436,14 +449,19 @@ class ServiceClient:
     ) -> SamplingClient:
         """Sample from saved weights (`model_path`) or from an untouched base model."""
         if model_path is not None:
-            return self.create_training_client_from_state(
-                model_path
-            ).save_weights_and_get_sampling_client()
-        if base_model is None:
+            trainer = self.create_training_client_from_state(model_path)
+        elif base_model is None:
             raise ValueError("create_sampling_client needs model_path or base_model")
-        # A fresh adapter starts with B = 0, so it samples exactly the base model.
-        trainer = TrainingClient(self, self._learner(base_model, AdapterSpec(rank=1)))
-        return trainer.save_weights_and_get_sampling_client()
+        else:  # a fresh adapter starts with B = 0, so it samples exactly the base model
+            trainer = TrainingClient(self, self._learner(base_model, AdapterSpec(rank=1)))
+        sampler = trainer.save_weights_and_get_sampling_client()
+        sampler._owns_learner = True
+        return sampler
+
+    def loaded_base_models(self) -> list[str]:
+        """The base models whose weights this client (and those sharing its bases) holds now
+        (local extension)."""
+        return sorted({key[0] for key in self._pool.bases})
 
     def get_server_capabilities(self) -> dict:
         return {"supported_models": [{"model_name": n} for n in sorted(models.BUILTIN_MODELS)]}
@@ -496,6 +514,12 @@ class TrainingClient:
 
     async def get_info_async(self) -> GetInfoResponse:
         return self.get_info()
+
+    def close(self) -> None:
+        """Release this client's adapter, optimizer state and rollout engine, and its base
+        model's weights once no other client is on that base; its samplers stop working too
+        (local extension: how rlkit's Tinker service frees a finished session)."""
+        self._worker.close()
 
     def work_counts(self) -> dict[str, int]:
         """The tokens this process ran forward (training, references) and sampled itself
@@ -677,6 +701,15 @@ class SamplingClient:
         self._key = key  # identifies the snapshot, so the engine loads it once
         self._base_seed = seed
         self._calls = itertools.count()
+        self._owns_learner = False  # made by ServiceClient.create_sampling_client
+
+    def close(self) -> None:
+        """Release what this sampler holds of its own (local extension): one made by
+        `ServiceClient.create_sampling_client` has an adapter on the base model (and the base
+        itself, if no other client is on it). One made by a training client shares that
+        client's, which `TrainingClient.close` releases."""
+        if self._owns_learner:
+            self._worker.close()
 
     def get_tokenizer(self):
         return self._worker.learner.tokenizer

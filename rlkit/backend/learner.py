@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -136,6 +137,10 @@ class BasePool:
     def base(self, key: tuple) -> SharedBase:
         return self.bases.setdefault(key, SharedBase(self))
 
+    def drop(self, shared: SharedBase) -> None:
+        """Forget a base no learner uses any more (its weights go with the last reference)."""
+        self.bases = {k: v for k, v in self.bases.items() if v is not shared}
+
 
 class SharedBase:
     """One copy of a base model's weights with the adapters of every learner on it (each under
@@ -147,6 +152,7 @@ class SharedBase:
         self.model = None  # the peft model, once the first learner loads it
         self.tokenizer = None
         self.names = itertools.count(1)
+        self.engines: dict[str, object] = {}  # what the learners' engines share (hf's copy)
         self.lock = threading.RLock()  # the model, its adapters and their optimizers
         self.engine_lock = threading.RLock()  # the learners' rollout engines
 
@@ -227,6 +233,29 @@ class Learner:
         self._served: Snapshot | None = None  # what the engine served before the last sync
         # The KL reference's adapter weights; None: the base model (the adapter switched off).
         self._reference: dict[str, torch.Tensor] | None = None
+
+    def close(self) -> None:
+        """Give back what this learner holds: its engine, optimizer state and adapter, and the
+        base model's weights too if no other learner is on it. The learner is unusable after."""
+        shared = self.shared
+        with shared.lock, shared.engine_lock:
+            if self.model is None:
+                return
+            close_engine = getattr(self._engine_instance, "close", None)
+            if close_engine is not None:
+                close_engine()
+            if list(shared.model.peft_config) == [self.adapter_name]:  # the last one on it
+                shared.model = None
+                shared.engines.clear()
+                if shared.pool is not None:
+                    shared.pool.drop(shared)
+            else:
+                with warnings.catch_warnings():  # the learner whose turn is next activates its own
+                    warnings.filterwarnings("ignore", message=".*which is now deleted")
+                    shared.model.delete_adapter(self.adapter_name)
+            self.model = self._engine_instance = self._reference = self._served = None
+            self.optimizer = None
+            self.params = {}
 
     def _activate(self) -> None:
         """Make this learner's adapter the one the shared model runs (and trains)."""

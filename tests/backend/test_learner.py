@@ -4,10 +4,12 @@ damaged), the KL reference (the base model or a saved adapter), the entropy bonu
 quantized base falls back to, and several clients on one base model (one copy of its weights,
 each client's own bits, whichever thread drives it)."""
 
+import gc
 import json
 import logging
 import os
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -364,6 +366,9 @@ def test_clients_on_one_base_share_its_weights_and_get_their_own_bits(tmp_path, 
     for i, trainer in enumerate(trainers):
         assert_same(records[i], alone[i][0])
         assert saved_files(trainer, "end") == alone[i][1]
+    # and one merged copy of the base for the hf engine: each client's snapshot re-merged in it
+    samplers = {id(t._learner._engine()._sampler) for t in trainers}
+    assert len(samplers) == 1
 
 
 def steps_of(trainer, arm):
@@ -436,3 +441,29 @@ def test_clients_driven_from_threads_served_in_the_main_thread(tmp_path, alone):
     for i in range(len(ARMS)):
         assert_same(results[i][0], alone[i][0])
         assert results[i][1] == alone[i][1]
+
+
+def test_a_closed_client_gives_its_adapter_back_and_the_last_one_the_base(tmp_path, alone):
+    """`TrainingClient.close`: the others on the base go on with their own bits; once the last
+    one closes, nothing holds the base's weights."""
+    service = rlkit.ServiceClient(device="cpu", dtype="float32", checkpoint_dir=tmp_path)
+    first, second = (client(service, arm) for arm in ARMS[:2])
+    run_steps(first, ARMS[0])  # both adapters in the engine's shared copy
+    sampler = first.save_weights_and_get_sampling_client()
+    model = weakref.ref(first._learner.model)
+    first.close()
+    assert list(second._learner.model.peft_config) == ["adapter_1"]
+    assert list(second._learner._engine()._sampler.model.peft_config) == ["adapter_1"]
+    assert_same(run_steps(second, ARMS[1]), alone[1][0])
+    for call in (
+        lambda: first.forward_backward(datums(first.get_tokenizer(), 0), "cross_entropy"),
+        lambda: sampler.sample(types.ModelInput.from_ints([1, 2]), 1),
+    ):
+        with pytest.raises(RlkitError, match="this training client was closed"):
+            call()
+    second.close()
+    second.close()  # twice: nothing left to give
+    gc.collect()
+    assert model() is None and not service._pool.bases
+    again = client(service, ARMS[0])  # a new base, as the first client on it
+    assert_same(run_steps(again, ARMS[0]), alone[0][0])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -31,16 +32,21 @@ from peft.tuners.lora.dora import DoraLinearLayer
 from peft.utils.integrations import dequantize_module_weight
 
 from rlkit.api.types import SampledSequence, SamplingParams
-from rlkit.backend import models
+from rlkit.backend import adapters, models
 from rlkit.backend.engines.base import Request, repeat_greedy, stop_criteria
 
 
 class SamplingModel:
     """A frozen copy of a peft model that serves one adapter snapshot at a time, merged into
-    its weights, or (`merge=False`) unmerged on the training model's own frozen weights."""
+    its weights, or (`merge=False`) unmerged on the training model's own frozen weights.
+
+    Merged, one copy serves every learner on a base model (`shared`): each snapshot names its
+    adapter, and loading one re-merges from the pristine base weights, so which learner loaded
+    last changes nothing in what the next one gets. K clients on one base hold one copy."""
 
     def __init__(self, peft_model, merge: bool = True) -> None:
         self.merge = merge
+        self._source = peft_model
         # Unmerged, the frozen weights are never written: share them (deepcopy's memo maps each
         # to itself) and copy only the adapter.
         shared = {} if merge else {id(p): p for p in peft_model.parameters() if not p.requires_grad}
@@ -48,27 +54,65 @@ class SamplingModel:
         self.model.requires_grad_(False)
         if merge:  # merging into a tied output layer would change the input embeddings too
             models.untie_embeddings(self.model.get_base_model())
+        self._index()
+        self._dora = [] if merge else _cache_dora_scales(self.model)
+        self.loaded_key = None
+
+    def _index(self) -> None:
         # The training model's base weights are frozen: the pristine source for every re-merge.
         self._originals = {
             name: m.get_base_layer().weight
-            for name, m in peft_model.named_modules()
+            for name, m in self._source.named_modules()
             if isinstance(m, LoraLayer)
         }
         self._layers = {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLayer)}
         self._params = dict(self.model.named_parameters())
-        self._dora = [] if merge else _cache_dora_scales(self.model)
-        self.loaded_key: int | None = None
+
+    @classmethod
+    def shared(cls, learner) -> SamplingModel:
+        """The merged copy of `learner`'s base model that every learner on it samples from,
+        with `learner`'s adapter added to it if it has not been yet."""
+        engines = learner.shared.engines
+        if "hf" not in engines:
+            engines["hf"] = cls(learner.model)
+        sampler = engines["hf"]
+        if learner.adapter_name not in sampler.model.peft_config:
+            sampler._reset()  # peft adds adapters to unmerged layers only
+            sampler.loaded_key = None
+            adapters.add(sampler.model, learner.spec, learner.adapter_name)
+            sampler.model.requires_grad_(False)
+            sampler._index()
+        return sampler
+
+    def remove(self, adapter: str) -> None:
+        """Drop a learner's adapter (it is gone from the training model)."""
+        if self.loaded_key is not None and self.loaded_key[0] == adapter:
+            self.loaded_key = None
+        if adapter in self.model.peft_config and len(self.model.peft_config) > 1:
+            self._reset()
+            self.loaded_key = None
+            with warnings.catch_warnings():  # `load` sets the adapter it serves
+                warnings.filterwarnings("ignore", message=".*which is now deleted")
+                self.model.delete_adapter(adapter)
+            self._index()
+
+    def _reset(self) -> None:
+        for name, layer in self._layers.items():
+            layer.get_base_layer().weight.copy_(self._originals[name])
+            layer.merged_adapters = []
 
     @torch.no_grad()
-    def load(self, key: int, snapshot: dict[str, torch.Tensor]) -> None:
-        """Serve `snapshot` (adapter tensors by parameter name); a no-op if it already does."""
+    def load(self, key, snapshot: dict[str, torch.Tensor], adapter: str | None = None) -> None:
+        """Serve `snapshot` (adapter tensors by parameter name, of `adapter`: by default the
+        active one); a no-op if it already does."""
         if key == self.loaded_key:
             return
         self.loaded_key = None  # stays unset if anything below fails
         if self.merge:
-            for name, layer in self._layers.items():
-                layer.get_base_layer().weight.copy_(self._originals[name])
-                layer.merged_adapters = []
+            self._reset()
+        if adapter is not None and self.model.active_adapter != adapter:
+            self.model.set_adapter(adapter)
+            self.model.requires_grad_(False)  # peft marks the active adapter trainable
         for layer in self._dora:
             layer.rlkit_scales.clear()
         for name, tensor in snapshot.items():
@@ -323,19 +367,42 @@ class HFEngine:
     @classmethod
     def build(cls, learner, options: Options | None = None) -> HFEngine:
         options = options or cls.Options()
-        return cls(learner.model, learner.tokenizer, not learner.quant.enabled, options.batch_rows)
+        merge = not learner.quant.enabled  # unmerged: a copy of the adapters only, its own
+        return cls(
+            learner.model,
+            learner.tokenizer,
+            merge,
+            options.batch_rows,
+            sampler=SamplingModel.shared(learner) if merge else None,
+        )
 
-    def __init__(self, peft_model, tokenizer, merge: bool = True, batch_rows: int = 256) -> None:
-        self._sampler = SamplingModel(peft_model, merge)
+    def __init__(
+        self,
+        peft_model,
+        tokenizer,
+        merge: bool = True,
+        batch_rows: int = 256,
+        *,
+        sampler: SamplingModel | None = None,
+    ) -> None:
+        """Serves `peft_model`'s active adapter, from a copy of its own or from `sampler` (the
+        base's shared merged copy)."""
+        self._sampler = sampler or SamplingModel(peft_model, merge)
         self.tokenizer = tokenizer
         self.batch_rows = batch_rows
+        self.adapter = peft_model.active_adapter
 
     @property
     def loaded_key(self) -> int | None:
-        return self._sampler.loaded_key
+        loaded = self._sampler.loaded_key
+        return loaded[1] if loaded is not None and loaded[0] == self.adapter else None
 
     def load(self, key: int, snapshot: dict[str, torch.Tensor]) -> None:
-        self._sampler.load(key, snapshot)
+        self._sampler.load((self.adapter, key), snapshot, self.adapter)
+
+    def close(self) -> None:
+        """This learner is gone: its adapter leaves the shared copy."""
+        self._sampler.remove(self.adapter)
 
     def sample(self, requests: list[Request]) -> list[list[SampledSequence]]:
         # All queued requests in one decode loop, `batch_rows` completions at a time; each

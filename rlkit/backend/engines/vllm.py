@@ -296,6 +296,20 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.loaded_key = key
 
+    def close(self) -> None:
+        """Its client is gone: drop its LoRA from the shared engine (merged weights: stop the
+        engine it owned)."""
+        if self.merged:
+            for key, llm in list(_LLMS.items()):
+                if llm is self.llm:
+                    del _LLMS[key]
+                    llm.llm_engine.engine_core.shutdown()
+            return
+        if self.lora_id in self.llm.llm_engine.list_loras():
+            self.llm.llm_engine.remove_lora(self.lora_id)
+        shutil.rmtree(self.dir, True)
+        self.loaded_key = self._request = None
+
     def _params(self, request: Request):
         p = request.params
         stop_ids, stop_strings = stop_criteria(p, self._eos)
