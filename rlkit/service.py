@@ -1,6 +1,7 @@
 """`python -m rlkit.service`: rlkit as a local Tinker service, for the official `tinker` SDK.
 
-    python -m rlkit.service [--host 127.0.0.1] [--port 8000] [--dir DIR] [--api-key KEY] [key=value ...]
+    python -m rlkit.service [--host 127.0.0.1] [--port 8000] [--dir DIR] [--api-key KEY]
+                            [--session-timeout 120] [key=value ...]
     TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-local python your_tinker_code.py
 
 Code written with `import tinker` (the SDK, tinker-cookbook, your own) runs unchanged against
@@ -20,6 +21,10 @@ is the SDK's own: its pydantic types for the JSON bodies, its protobuf module fo
   `DIR/checkpoints.json`: they stay loadable after a restart. Session numbers carry on
   across restarts, so paths never collide. A future the service did not finish before a
   restart fails with an error the SDK shows.
+- A session ends when its client closes it (`ServiceClient.close`) or sends no heartbeat for
+  `--session-timeout` seconds: its training clients and samplers are released (adapters,
+  optimizer states, engines; a base model's weights once no session uses it). Its saved
+  checkpoints stay; a later call on its models fails in one line saying why.
 - Safe by default: it binds 127.0.0.1 and accepts any `tml-` key there; another host needs
   `--api-key` and refuses requests without it.
 - What rlkit does not do (images, another optimizer, the `stable_reinforce` loss, ...) fails
@@ -222,7 +227,13 @@ class Service:
     """Sessions, models, samplers and futures, over one rlkit ServiceClient (so every client
     shares the base models it names)."""
 
-    def __init__(self, root: Path, client_args: dict, sample_window_s: float = 0.005) -> None:
+    def __init__(
+        self,
+        root: Path,
+        client_args: dict,
+        sample_window_s: float = 0.005,
+        session_timeout_s: float = 120.0,
+    ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.client = rlkit_client.ServiceClient(checkpoint_dir=root / "checkpoints", **client_args)
@@ -240,13 +251,83 @@ class Service:
         )
         self.sample_window_s = sample_window_s
         self.last_sample = 0.0
+        # Sessions: when each last showed it is alive, and why an ended one ended.
+        self.session_timeout_s = session_timeout_s
+        self.alive: dict[str, float] = {}
+        self.ended: dict[str, str] = {}
+        threading.Thread(target=self._reap, name="rlkit-sessions", daemon=True).start()
 
     def new_session(self) -> str:
         counter = self.root / "sessions"
         with self.lock:
             n = int(counter.read_text()) + 1 if counter.exists() else 1
             counter.write_text(str(n))
+            self.alive[f"session-{n}"] = time.monotonic()
         return f"session-{n}"
+
+    def heartbeat(self, session_id: str) -> bool:
+        """Note that a session is alive; False if it has ended (or is not this run's)."""
+        with self.lock:
+            if session_id not in self.alive:
+                return False
+            self.alive[session_id] = time.monotonic()
+            return True
+
+    def end_session(self, session_id: str, why: str) -> None:
+        """Release what a session holds: its training clients' adapters and optimizer
+        states, its samplers, and a base model's weights once no session uses it. Its saved
+        checkpoints stay. Runs after the calls already queued for the model thread."""
+        with self.lock:
+            if self.alive.pop(session_id, None) is None:
+                return
+            self.ended[session_id] = why
+        prefix = f"{session_id}:"
+        models = [m for m in list(self.models) if m.startswith(prefix)]
+        samplers = [m for m in list(self.samplers) if m.startswith(prefix)]
+
+        def release():
+            for model_id in models:
+                self.models.pop(model_id).close()
+            for sampler_id in samplers:
+                self.samplers.pop(sampler_id)[0].close()
+
+        self.on_model(release)
+        print(
+            f"{session_id} ended ({why}): released {len(models)} training client(s) and "
+            f"{len(samplers)} sampler(s)",
+            flush=True,
+        )
+
+    def _reap(self) -> None:
+        """End the sessions whose heartbeats stopped (the SDK sends one every 10 s)."""
+        while True:
+            time.sleep(min(5.0, self.session_timeout_s / 4))
+            now = time.monotonic()
+            with self.lock:
+                late = [s for s, t in self.alive.items() if now - t > self.session_timeout_s]
+            for session_id in late:
+                self.end_session(session_id, f"no heartbeat for {self.session_timeout_s:g} s")
+
+    def keep(self, table: dict, name: str, client) -> None:
+        """`table[name] = client` (a training client, or a sampler and its path), unless its
+        session has ended meanwhile: then it is closed."""
+        with self.lock:
+            session = name.split(":")[0]
+            if session not in self.ended:
+                table[name] = client
+                return
+        closing = (client[0] if isinstance(client, tuple) else client).close
+        closing() if self.on_model_thread() else self.on_model(closing)
+        raise self._gone("session", session)
+
+    def on_model_thread(self) -> bool:
+        return threading.current_thread().name.startswith("rlkit-model")
+
+    def _gone(self, what: str, name: str) -> ValueError:
+        session = name.split(":")[0]
+        if session in self.ended:
+            return ValueError(f"{what} {name!r} is gone: its session ended ({self.ended[session]})")
+        return ValueError(f"unknown {what} {name!r} (not created on this service run)")
 
     def submit(self, work, *args) -> dict:
         """Run `work(*args)` (its value: a JSON-ready dict or protobuf bytes) in a thread, as a
@@ -295,12 +376,12 @@ class Service:
 
     def model(self, model_id: str) -> rlkit_client.TrainingClient:
         if model_id not in self.models:
-            raise ValueError(f"unknown model_id {model_id!r} (not created on this service run)")
+            raise self._gone("model_id", model_id)
         return self.models[model_id]
 
     def sampler(self, sampler_id: str) -> tuple[rlkit_client.SamplingClient, str | None]:
         if sampler_id not in self.samplers:
-            raise ValueError(f"unknown sampling session {sampler_id!r}")
+            raise self._gone("sampling session", sampler_id)
         return self.samplers[sampler_id]
 
 
@@ -318,7 +399,7 @@ def _create_model(service: Service, body: dict) -> dict:
         train_unembed=lora.get("train_unembed", True),
     )
     model_id = f"{body['session_id']}:train:{body['model_seq_id']}"
-    service.models[model_id] = trainer
+    service.keep(service.models, model_id, trainer)
     return {"model_id": model_id, "type": "create_model"}
 
 
@@ -384,7 +465,10 @@ def _session_routes(app: FastAPI, service: Service) -> None:
         return {"session_id": service.new_session(), "type": "create_session"}
 
     @app.post("/api/v1/session_heartbeat")
-    async def heartbeat():
+    async def heartbeat(request: Request):
+        session_id = (await json_body(request)).get("session_id", "")
+        if not service.heartbeat(session_id):  # 410: the SDK stops its heartbeats
+            return JSONResponse({"detail": f"session {session_id!r} has ended"}, 410)
         return {"type": "session_heartbeat"}
 
     @app.post("/api/v1/telemetry")
@@ -392,12 +476,20 @@ def _session_routes(app: FastAPI, service: Service) -> None:
         return {"status": "accepted"}
 
     @app.post("/api/v1/sessions/{session_id}/finish")
-    async def finish():
+    async def finish(session_id: str, request: Request):
+        reason = ((await json_body(request)).get("reason") or {}).get("type", "finished")
+        await asyncio.to_thread(service.end_session, session_id, f"closed by its client: {reason}")
         return {}
 
     @app.get("/api/v1/healthz")
-    async def healthz():
-        return {"status": "ok"}
+    async def healthz():  # and what the service holds now
+        return {
+            "status": "ok",
+            "sessions": len(service.alive),
+            "training_clients": len(service.models),
+            "samplers": len(service.samplers),
+            "base_models": service.client.loaded_base_models(),
+        }
 
     @app.get("/api/v1/get_server_capabilities")
     async def capabilities():
@@ -493,7 +585,7 @@ def _weights_routes(app: FastAPI, service: Service) -> None:
 
         def run():  # blocks until the weights are taken: the SDK waits for it before going on
             make = service.model(model_id).save_weights_and_get_sampling_client
-            service.samplers[sampler_id] = (service.on_model(make), None)
+            service.keep(service.samplers, sampler_id, (service.on_model(make), None))
             return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
         return service.submit(run)
@@ -515,11 +607,12 @@ def _weights_routes(app: FastAPI, service: Service) -> None:
 
         def run():  # a new model from the state
             local = service.checkpoints.local(body["path"])
-            service.models[model_id] = service.on_model(
+            trainer = service.on_model(
                 lambda: service.client.create_training_client_from_state(
                     local, body.get("base_model"), with_optimizer=with_optimizer
                 )
             )
+            service.keep(service.models, model_id, trainer)
             return {"path": body["path"], "model_id": model_id, "type": "load_weights"}
 
         return service.submit(run)
@@ -544,7 +637,7 @@ def _sampling_routes(app: FastAPI, service: Service) -> None:
                 sampler = service.client.create_sampling_client(model_path=local)
             else:
                 sampler = service.client.create_sampling_client(base_model=body["base_model"])
-            service.samplers[sampler_id] = (sampler, path)
+            service.keep(service.samplers, sampler_id, (sampler, path))
             return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
         return await asyncio.to_thread(answer, service.on_model, make)
@@ -621,13 +714,16 @@ def _chunk_tokens(chunk: dict) -> list[int]:
     return list(chunk["tokens"])
 
 
-USAGE = """usage: python -m rlkit.service [--host 127.0.0.1] [--port 8000] [--dir DIR] [--api-key KEY] [key=value ...]
+USAGE = """usage: python -m rlkit.service [--host 127.0.0.1] [--port 8000] [--dir DIR] [--api-key KEY]
+                             [--session-timeout 120] [key=value ...]
 
 rlkit as a local Tinker service: code written for the official `tinker` SDK runs against it with
   TINKER_BASE_URL=http://HOST:PORT TINKER_API_KEY=tml-local
 The key=value overrides are the run config's machine keys (model.device=, model.dtype=,
 engine=, engine.*=, model.share_prefix=). Saved weights live under --dir (default
-./tinker_service) and stay loadable across restarts."""
+./tinker_service) and stay loadable across restarts. A session's training clients and samplers
+are released (their adapters, optimizer states, and a base model no one else uses) when its
+client closes it, or when it sends no heartbeat for --session-timeout seconds."""
 
 
 def client_args(overrides: list[str]) -> dict:
@@ -645,6 +741,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dir", type=Path, default=Path("tinker_service"))
     parser.add_argument("--api-key")
+    parser.add_argument("--session-timeout", type=float, default=120.0)
     args, overrides = parser.parse_known_args(argv)
     if args.help:
         print(USAGE)
@@ -664,8 +761,18 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"config error: {exc}") from None
     import uvicorn
 
-    service = Service(args.dir.resolve(), settings)
-    manifest = {"host": args.host, "port": args.port, "overrides": overrides, **settings}
+    if not args.session_timeout > 0:
+        raise SystemExit(
+            f"error: --session-timeout must be > 0 seconds, got {args.session_timeout}"
+        )
+    service = Service(args.dir.resolve(), settings, session_timeout_s=args.session_timeout)
+    manifest = {
+        "host": args.host,
+        "port": args.port,
+        "session_timeout_s": args.session_timeout,
+        "overrides": overrides,
+        **settings,
+    }
     (service.root / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     print(
         f"rlkit Tinker service on http://{args.host}:{args.port} (saved weights: {service.root})\n"

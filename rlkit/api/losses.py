@@ -287,12 +287,20 @@ def register_policy_loss(name: str, requires: tuple[str, ...] = (), **defaults: 
     return decorate
 
 
+# Hosted Tinker losses rlkit cannot compute, and why.
+NOT_AVAILABLE = {
+    "stable_reinforce": "Tinker has not published its objective, only what it records while "
+    "sampling",
+}
+
+
 def get_loss(name: str) -> LossSpec:
     try:
         return LOSSES[name]
     except KeyError:
+        why = f" ({NOT_AVAILABLE[name]})" if name in NOT_AVAILABLE else ""
         raise UnknownLossError(
-            f"unknown loss_fn {name!r}; known losses: {', '.join(sorted(LOSSES))}"
+            f"unknown loss_fn {name!r}{why}; known losses: {', '.join(sorted(LOSSES))}"
         ) from None
 
 

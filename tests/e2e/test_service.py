@@ -96,9 +96,10 @@ def test_the_same_requests_give_the_same_bits_as_rlkit_in_process(sdk):
     "bad, message",
     [
         ("base_model", "no-such-model"),
-        ("loss", "stable_reinforce"),
+        ("loss", "'stable_reinforce' (Tinker has not published its objective"),
         ("lengths", "target_tokens"),
         ("path", "no checkpoint at 'tinker://nope/weights/x'"),
+        ("context", "exceeds the model's context of"),
     ],
 )
 def test_bad_input_is_one_line_the_sdk_shows(sdk, bad, message):
@@ -120,6 +121,10 @@ def test_bad_input_is_one_line_the_sdk_shows(sdk, bad, message):
             trainer.forward_backward([short], "cross_entropy").result()
         if bad == "path":
             sdk.create_training_client_from_state("tinker://nope/weights/x").result()
+        if bad == "context":
+            sampler = trainer.save_weights_and_get_sampling_client().result()
+            params = types.SamplingParams(max_tokens=10**6)
+            sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 1, params).result()
     text = str(info.value)
     assert message in text and "Traceback" not in text and info.value.category == "user"
 
@@ -304,3 +309,80 @@ def test_async_calls(sdk):
 
     loss, out = asyncio.run(run())
     assert loss > 0 and len(out.sequences) == 2
+
+
+def post(url, path, body) -> tuple[int, dict]:
+    import json
+    import urllib.error
+
+    request = urllib.request.Request(
+        f"{url}{path}",
+        data=json.dumps(body).encode(),
+        headers={"X-API-Key": "tml-local", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def health(url) -> dict:
+    import json
+
+    return json.loads(urllib.request.urlopen(f"{url}/api/v1/healthz", timeout=30).read())
+
+
+def test_a_session_that_ends_gives_its_memory_back(tmp_path, monkeypatch):
+    """Closed by its client, or silent past --session-timeout: a session's training clients
+    and samplers are released, and the base model's weights once no session is on it; its
+    saved checkpoints stay, and its models answer one line saying why they are gone."""
+    import time
+
+    server, url = start(tmp_path, "--session-timeout", "3")
+    try:
+        # A client that never sends a heartbeat (the SDK sends one every 10 s): raw HTTP.
+        session = post(url, "/api/v1/create_session", {})[1]["session_id"]
+        future = post(
+            url,
+            "/api/v1/create_model",
+            {"session_id": session, "model_seq_id": 0, "base_model": "rlkit-tiny"},
+        )[1]
+        model_id = post(url, "/api/v1/retrieve_future", future)[1]["model_id"]
+        assert health(url)["base_models"] == ["rlkit-tiny"]
+        deadline = time.monotonic() + 30
+        while health(url)["training_clients"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert health(url) == {
+            "status": "ok",
+            "sessions": 0,
+            "training_clients": 0,
+            "samplers": 0,
+            "base_models": [],
+        }
+        status, answer = post(url, "/api/v1/get_info", {"model_id": model_id})
+        assert status == 400
+        assert answer["detail"] == (
+            f"model_id {model_id!r} is gone: its session ended (no heartbeat for 3 s)"
+        )
+        assert post(url, "/api/v1/session_heartbeat", {"session_id": session})[0] == 410
+
+        # The SDK's close: released at once; the checkpoint it saved still loads.
+        monkeypatch.setenv("TINKER_BASE_URL", url)
+        monkeypatch.setenv("TINKER_API_KEY", "tml-local")
+        monkeypatch.setenv("TINKER_TELEMETRY", "0")
+        sdk = tinker.ServiceClient()
+        trainer = sdk.create_lora_training_client(base_model="rlkit-tiny", rank=8).result()
+        sampler = trainer.save_weights_and_get_sampling_client().result()
+        sampler.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2))
+        path = trainer.save_state("kept").result().path
+        assert health(url)["training_clients"] == 1
+        sdk.close("success").result()
+        assert health(url)["base_models"] == []
+        sdk = tinker.ServiceClient()
+        sdk.create_training_client_from_state(path).result()
+        assert health(url)["base_models"] == ["rlkit-tiny"]
+        sdk.close("success").result()
+    finally:
+        server.terminate()
+        server.wait(30)
