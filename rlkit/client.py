@@ -383,7 +383,12 @@ class ServiceClient:
         # Built in the thread its work will run in. Measured on 2 CPU cores: a model built in
         # one thread and trained in another took 1.5x longer per step (cause not pinned down;
         # one NUMA node here).
-        return shared.run(make)
+        try:
+            return shared.run(make)
+        except BaseException:
+            if shared.model is None:  # nothing loaded: forget the base (a wrong name, ...)
+                self._pool.drop(shared)
+            raise
 
     def create_lora_training_client(
         self,
@@ -461,7 +466,7 @@ class ServiceClient:
     def loaded_base_models(self) -> list[str]:
         """The base models whose weights this client (and those sharing its bases) holds now
         (local extension)."""
-        return sorted({key[0] for key in self._pool.bases})
+        return sorted({key[0] for key, shared in self._pool.bases.items() if shared.model})
 
     def get_server_capabilities(self) -> dict:
         return {"supported_models": [{"model_name": n} for n in sorted(models.BUILTIN_MODELS)]}

@@ -12,9 +12,15 @@ import pytest
 import tinker
 from tinker import types
 
+from rlkit.backend.engines import vllm as vllm_engine
 from tests.e2e.runs import start_service as start
 
 pytestmark = pytest.mark.slow
+# Without vLLM its test skips, unless RLKIT_REQUIRE_VLLM=1 (`make test`): then it fails.
+requires_vllm = pytest.mark.skipif(
+    not vllm_engine.available() and os.environ.get("RLKIT_REQUIRE_VLLM") != "1",
+    reason="vllm is not installed (pip install 'rlkit[cpu]')",
+)
 
 
 @pytest.fixture(scope="module")
@@ -386,3 +392,44 @@ def test_a_session_that_ends_gives_its_memory_back(tmp_path, monkeypatch):
     finally:
         server.terminate()
         server.wait(30)
+
+
+@requires_vllm
+def test_the_vllm_engine_serves_behind_the_service(tmp_path, monkeypatch):
+    """`python -m rlkit.service engine=vllm`: two clients' LoRAs on one vLLM engine, each
+    sampler serving its own trainer's policy; closing the session gives it all back."""
+    server, url = start(tmp_path, "engine=vllm")
+    try:
+        monkeypatch.setenv("TINKER_BASE_URL", url)
+        monkeypatch.setenv("TINKER_API_KEY", "tml-local")
+        monkeypatch.setenv("TINKER_TELEMETRY", "0")
+        sdk = tinker.ServiceClient()
+        prompt = [5, 6, 7, 8]
+        for seed in (1, 2):
+            trainer = sdk.create_lora_training_client(
+                base_model="rlkit-small", rank=8, seed=seed
+            ).result()
+            datum = types.Datum(
+                model_input=types.ModelInput.from_ints(prompt + [9, 10]),
+                loss_fn_inputs={"target_tokens": [6, 7, 8, 9, 10, 11], "weights": [1.0] * 6},
+            )
+            trainer.forward_backward([datum], "cross_entropy")
+            trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            sampler = trainer.save_weights_and_get_sampling_client().result()
+            params = types.SamplingParams(max_tokens=6, seed=seed)
+            seq = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result()
+            seq = seq.sequences[0]
+            tokens = prompt + seq.tokens
+            scored = types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+            )
+            out = trainer.forward([scored], "cross_entropy").result()
+            trained = out.loss_fn_outputs[0]["logprobs"].tolist()[len(prompt) - 1 :]
+            assert max(abs(a - b) for a, b in zip(seq.logprobs, trained, strict=True)) < 1e-3
+        assert health(url)["training_clients"] == 2
+        sdk.close("success").result()
+        assert health(url)["base_models"] == []
+    finally:
+        server.terminate()
+        server.wait(60)
