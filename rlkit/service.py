@@ -662,11 +662,14 @@ def _sampling_routes(app: FastAPI, service: Service) -> None:
             sampler, _ = service.sampler(sampler_id)
             tokens = [t for c in body["prompt"]["chunks"] for t in _chunk_tokens(c)]
             params = types.SamplingParams(**body.get("sampling_params", {}))
-            extra = {
-                k: body[k]
-                for k in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k")
-                if body.get(k)
-            }
+            hosted_only = (
+                "topk_prompt_logprobs",
+                "topk_sample_logprobs",
+                "prompt_alt_tokens_k",
+                "target_prompt_logprobs",
+                "prompt_logprobs_last_n",
+            )  # rlkit's sampler refuses each, naming it
+            extra = {k: body[k] for k in hosted_only if body.get(k)}
             return sampler.sample(
                 types.ModelInput.from_ints(tokens),
                 n,

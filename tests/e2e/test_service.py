@@ -106,6 +106,7 @@ def test_the_same_requests_give_the_same_bits_as_rlkit_in_process(sdk):
         ("lengths", "target_tokens"),
         ("path", "no checkpoint at 'tinker://nope/weights/x'"),
         ("context", "exceeds the model's context of"),
+        ("topk", "sample(topk_sample_logprobs=5) is not supported"),
     ],
 )
 def test_bad_input_is_one_line_the_sdk_shows(sdk, bad, message):
@@ -127,10 +128,14 @@ def test_bad_input_is_one_line_the_sdk_shows(sdk, bad, message):
             trainer.forward_backward([short], "cross_entropy").result()
         if bad == "path":
             sdk.create_training_client_from_state("tinker://nope/weights/x").result()
-        if bad == "context":
+        if bad in ("context", "topk"):
             sampler = trainer.save_weights_and_get_sampling_client().result()
-            params = types.SamplingParams(max_tokens=10**6)
-            sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 1, params).result()
+            prompt = types.ModelInput.from_ints([1, 2, 3])
+            if bad == "context":
+                params = types.SamplingParams(max_tokens=10**6)
+                sampler.sample(prompt, 1, params).result()
+            params = types.SamplingParams(max_tokens=2)
+            sampler.sample(prompt, 1, params, topk_sample_logprobs=5).result()
     text = str(info.value)
     assert message in text and "Traceback" not in text and info.value.category == "user"
 
@@ -433,3 +438,33 @@ def test_the_vllm_engine_serves_behind_the_service(tmp_path, monkeypatch):
     finally:
         server.terminate()
         server.wait(60)
+
+
+def test_the_sdks_custom_loss_trains_as_the_builtin_one(sdk):
+    """`create_custom_loss` + `forward_backward_custom` (the loss computed in the SDK's process
+    from the service's logprobs, its gradient sent back): a custom negative log-likelihood moves
+    the adapter as `cross_entropy` does."""
+
+    def neg_ll(logprobs, weights):
+        loss = -(logprobs * weights).sum()
+        return loss, {"custom/neg_ll:sum": loss}
+
+    handle = sdk.create_custom_loss(neg_ll, input_ranks={"logprobs": 1, "weights": 1}).result()
+    builtin, custom = (
+        sdk.create_lora_training_client(base_model="rlkit-tiny", rank=8, seed=4).result()
+        for _ in range(2)
+    )
+    datum = foo_datum(builtin.get_tokenizer())
+    a = builtin.forward_backward([datum], "cross_entropy").result()
+    b = custom.forward_backward_custom([datum], handle).result()
+    assert b.metrics["custom/neg_ll:sum"] == pytest.approx(a.metrics["loss:sum"], rel=1e-5)
+    for client in (builtin, custom):
+        client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    after = [
+        c.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+        for c in (builtin, custom)
+    ]
+    assert after[0] == pytest.approx(after[1], abs=1e-4)
+    assert after[0] != pytest.approx(
+        a.loss_fn_outputs[0]["logprobs"].tolist(), abs=1e-3
+    )  # and it moved
