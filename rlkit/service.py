@@ -266,9 +266,10 @@ class Service:
         return f"session-{n}"
 
     def heartbeat(self, session_id: str) -> bool:
-        """Note that a session is alive; False if it has ended (or is not this run's)."""
+        """Note that a session is alive (one from before a restart too: its client goes on
+        here); False if it has ended."""
         with self.lock:
-            if session_id not in self.alive:
+            if session_id in self.ended:
                 return False
             self.alive[session_id] = time.monotonic()
             return True
@@ -315,6 +316,7 @@ class Service:
             session = name.split(":")[0]
             if session not in self.ended:
                 table[name] = client
+                self.alive.setdefault(session, time.monotonic())  # e.g. from before a restart
                 return
         closing = (client[0] if isinstance(client, tuple) else client).close
         closing() if self.on_model_thread() else self.on_model(closing)
