@@ -237,13 +237,14 @@ class _Worker:
         return self.learner.shared.run(run)
 
     def queue_sample(
-        self, key: int, snapshot: Snapshot, request: Request, with_prompt_logprobs: bool
+        self, key: int, snapshot: Snapshot, request: Request, prompt_logprobs: tuple[bool, int]
     ) -> APIFuture[SampleResponse]:
+        """`prompt_logprobs`: (the prompt's logprobs?, k of its top-k logprobs or 0)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         thread = threading.get_ident()
         with self._queues_lock:
             self._queues.setdefault(thread, []).append(
-                (key, snapshot, request, with_prompt_logprobs, future)
+                (key, snapshot, request, prompt_logprobs, future)
             )
         return APIFuture(future, flush=functools.partial(self.flush, thread))
 
@@ -262,22 +263,26 @@ class _Worker:
             for *_, future in queued:
                 future.set_exception(exc)
             return
-        for (key, snapshot, request, with_prompt_lp, future), sequences in zip(
+        for (key, snapshot, request, (with_prompt_lp, topk), future), sequences in zip(
             queued, results, strict=True
         ):
             try:
-                prompt_lp = (
-                    self._run(
-                        self.learner.prompt_logprobs,
-                        key,
-                        snapshot,
-                        request.prompt,
-                        lock=self._engine_lock,
-                    )
-                    if with_prompt_lp
-                    else None
+                prompt = (key, snapshot, request.prompt)
+                lock = self._engine_lock
+                response = SampleResponse(
+                    sequences=sequences,
+                    prompt_logprobs=(
+                        self._run(self.learner.prompt_logprobs, *prompt, lock=lock)
+                        if with_prompt_lp
+                        else None
+                    ),
+                    topk_prompt_logprobs=(
+                        self._run(self.learner.prompt_topk_logprobs, *prompt, topk, lock=lock)
+                        if topk
+                        else None
+                    ),
                 )
-                future.set_result(SampleResponse(sequences=sequences, prompt_logprobs=prompt_lp))
+                future.set_result(response)
             except Exception as exc:
                 future.set_exception(exc)
 
@@ -738,8 +743,14 @@ class SamplingClient:
         num_samples: int = 1,
         sampling_params: SamplingParams | None = None,
         include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
         **unsupported: Any,
     ) -> APIFuture[SampleResponse]:
+        """`num_samples` completions of `prompt`. `topk_sample_logprobs=k`: each sampled
+        token's position's k most likely tokens (`SampledSequence.topk_logprobs`);
+        `topk_prompt_logprobs=k`: each prompt position's (`SampleResponse.topk_prompt_logprobs`);
+        raw policy logprobs, as `logprobs` (engine=hf)."""
         _refuse_unsupported("sample", unsupported)
         tokens = to_token_list(prompt)
         if not tokens:
@@ -752,11 +763,21 @@ class SamplingClient:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         learner = self._worker.learner
         max_tokens = learner.check_context(tokens, params.max_tokens)
+        learner.check_topk("topk_prompt_logprobs", topk_prompt_logprobs)
+        learner.check_topk("topk_sample_logprobs", topk_sample_logprobs)
         request = Request(
-            tokens, int(num_samples), params, self._request_seed(params.seed), max_tokens
+            tokens,
+            int(num_samples),
+            params,
+            self._request_seed(params.seed),
+            max_tokens,
+            int(topk_sample_logprobs),
         )
         return self._worker.queue_sample(
-            self._key, self._snapshot, request, include_prompt_logprobs
+            self._key,
+            self._snapshot,
+            request,
+            (include_prompt_logprobs, int(topk_prompt_logprobs)),
         )
 
     async def sample_async(self, *args, **kwargs) -> SampleResponse:
@@ -777,8 +798,6 @@ class SamplingClient:
 
 # Hosted-only sampling options: accepted at their "off" value, refused otherwise.
 _UNSUPPORTED_OFF = {
-    "topk_prompt_logprobs": 0,
-    "topk_sample_logprobs": 0,
     "target_prompt_logprobs": None,
     "prompt_alt_tokens_k": 0,
     "prompt_logprobs_last_n": None,

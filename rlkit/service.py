@@ -175,10 +175,30 @@ def sample_to_proto(response: types.SampleResponse) -> bytes:
         out.tokens = np.asarray(seq.tokens, "<i4").tobytes()
         if seq.logprobs is not None:
             out.logprobs = np.asarray(seq.logprobs, "<f4").tobytes()
+        if seq.topk_logprobs is not None:
+            _topk_to_proto(seq.topk_logprobs, out.topk_sampled_logprobs)
     if response.prompt_logprobs is not None:
         values = [math.nan if v is None else v for v in response.prompt_logprobs]
         message.prompt_logprobs = np.asarray(values, "<f4").tobytes()
+    if response.topk_prompt_logprobs is not None:
+        _topk_to_proto(response.topk_prompt_logprobs, message.topk_prompt_logprobs)
     return message.SerializeToString()
+
+
+def _topk_to_proto(positions: list, out) -> None:
+    """Per-position top-k lists into a `TopkLogprobs` message: (length, k) matrices of ids and
+    logprobs, a position without any (None, e.g. the prompt's first) and the slots past a short
+    list filled with the SDK's sentinel (token 0, MASK_LOGPROB)."""
+    from tinker.types.topk_logprobs import MASK_LOGPROB
+
+    k = max((len(p) for p in positions if p), default=0)
+    ids = np.zeros((len(positions), k), "<i4")
+    logprobs = np.full((len(positions), k), MASK_LOGPROB, "<f4")
+    for i, top in enumerate(positions):
+        for j, (token, logprob) in enumerate(top or ()):
+            ids[i, j], logprobs[i, j] = token, logprob
+    out.length, out.k = len(positions), k
+    out.token_ids, out.logprobs = ids.tobytes(), logprobs.tobytes()
 
 
 # ---- the state behind the endpoints ----------------------------------------------------------
@@ -664,14 +684,14 @@ def _sampling_routes(app: FastAPI, service: Service) -> None:
             sampler, _ = service.sampler(sampler_id)
             tokens = [t for c in body["prompt"]["chunks"] for t in _chunk_tokens(c)]
             params = types.SamplingParams(**body.get("sampling_params", {}))
-            hosted_only = (
+            options = (  # rlkit's sampler serves the top-k ones, and refuses the others
                 "topk_prompt_logprobs",
                 "topk_sample_logprobs",
                 "prompt_alt_tokens_k",
                 "target_prompt_logprobs",
                 "prompt_logprobs_last_n",
-            )  # rlkit's sampler refuses each, naming it
-            extra = {k: body[k] for k in hosted_only if body.get(k)}
+            )
+            extra = {k: body[k] for k in options if body.get(k)}
             return sampler.sample(
                 types.ModelInput.from_ints(tokens),
                 n,

@@ -172,12 +172,12 @@ def test_unsupported_sampling_options_are_refused_not_ignored(trainer):
     sampler = trainer.save_weights_and_get_sampling_client()
     prompt = rlkit.api.types.ModelInput.from_ints([1, 2])
     params = rlkit.api.types.SamplingParams(max_tokens=2)
-    with pytest.raises(NotImplementedError, match="topk_prompt_logprobs=5"):
-        sampler.sample(prompt, 1, params, topk_prompt_logprobs=5)
+    with pytest.raises(NotImplementedError, match="prompt_alt_tokens_k=5"):
+        sampler.sample(prompt, 1, params, prompt_alt_tokens_k=5)
     with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):
         sampler.sample(prompt, 1, params, temprature=0.5)
     # Their "off" values are fine.
-    sampler.sample(prompt, 1, params, topk_prompt_logprobs=0).result()
+    sampler.sample(prompt, 1, params, prompt_alt_tokens_k=0).result()
 
 
 # Hosted-service plumbing with no local meaning.

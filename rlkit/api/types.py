@@ -194,12 +194,18 @@ class SampledSequence:
     stop_reason: StopReason
     tokens: list[int]
     logprobs: list[float] | None = None
+    # With sample(topk_sample_logprobs=k): each token's position's k most likely tokens,
+    # [(token id, logprob), ...] from the most likely, the raw policy's logprobs.
+    topk_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
 class SampleResponse:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
+    # With sample(topk_prompt_logprobs=k): each prompt position's k most likely tokens (None for
+    # the first position, which nothing predicts).
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclass

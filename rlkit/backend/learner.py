@@ -506,6 +506,21 @@ class Learner:
         self.sync(key, snapshot)
         return self._engine().prompt_logprobs(prompt)
 
+    def prompt_topk_logprobs(self, key: int, snapshot: Snapshot, prompt: list[int], k: int):
+        if len(prompt) < 2:
+            return [None] * len(prompt)
+        self.sync(key, snapshot)
+        return self._engine().prompt_topk_logprobs(prompt, k)
+
+    def check_topk(self, what: str, k: int) -> None:
+        """Top-k logprobs (`what`=k) are asked for: one line if this engine cannot serve them."""
+        if int(k) != k or k < 0:
+            raise ValueError(f"{what} must be a whole number >= 0, got {k!r}")
+        if k and not getattr(self.engine.engine, "serves_topk", False):
+            raise NotImplementedError(
+                f"{what} is not served by engine={self.engine.name} yet (engine=hf serves it)"
+            )
+
     # ---- checkpoints --------------------------------------------------------------------
     def save(self, path: Path, with_optimizer: bool) -> Path:
         """Write adapter (peft format, safetensors) [+ optimizer] to `path`, atomically."""

@@ -106,7 +106,7 @@ def test_the_same_requests_give_the_same_bits_as_rlkit_in_process(sdk):
         ("lengths", "target_tokens"),
         ("path", "no checkpoint at 'tinker://nope/weights/x'"),
         ("context", "exceeds the model's context of"),
-        ("topk", "sample(topk_sample_logprobs=5) is not supported"),
+        ("alt", "sample(prompt_alt_tokens_k=2) is not supported"),
     ],
 )
 def test_bad_input_is_one_line_the_sdk_shows(sdk, bad, message):
@@ -128,14 +128,14 @@ def test_bad_input_is_one_line_the_sdk_shows(sdk, bad, message):
             trainer.forward_backward([short], "cross_entropy").result()
         if bad == "path":
             sdk.create_training_client_from_state("tinker://nope/weights/x").result()
-        if bad in ("context", "topk"):
+        if bad in ("context", "alt"):
             sampler = trainer.save_weights_and_get_sampling_client().result()
             prompt = types.ModelInput.from_ints([1, 2, 3])
             if bad == "context":
                 params = types.SamplingParams(max_tokens=10**6)
                 sampler.sample(prompt, 1, params).result()
             params = types.SamplingParams(max_tokens=2)
-            sampler.sample(prompt, 1, params, topk_sample_logprobs=5).result()
+            sampler.sample(prompt, 1, params, prompt_alt_tokens_k=2).result()
     text = str(info.value)
     assert message in text and "Traceback" not in text and info.value.category == "user"
 
@@ -468,3 +468,32 @@ def test_the_sdks_custom_loss_trains_as_the_builtin_one(sdk):
     assert after[0] != pytest.approx(
         a.loss_fn_outputs[0]["logprobs"].tolist(), abs=1e-3
     )  # and it moved
+
+
+def test_top_k_logprobs_reach_the_sdk(sdk):
+    """`topk_sample_logprobs` / `topk_prompt_logprobs` through the wire: what rlkit's own
+    client returns for the same request (its SDK form: lists of (token, logprob) pairs)."""
+    import rlkit
+
+    local = rlkit.ServiceClient(device="cpu", dtype="float32")
+    mine = local.create_lora_training_client("rlkit-tiny", rank=8, seed=6)
+    theirs = sdk.create_lora_training_client(base_model="rlkit-tiny", rank=8, seed=6).result()
+    prompt = types.ModelInput.from_ints([5, 6, 7, 8])
+    params = types.SamplingParams(max_tokens=5, seed=3)
+    out = []
+    for client in (mine, theirs):
+        sampler = client.save_weights_and_get_sampling_client()
+        sampler = sampler.result() if hasattr(sampler, "result") else sampler
+        response = sampler.sample(
+            prompt, 2, params, topk_sample_logprobs=3, topk_prompt_logprobs=4
+        ).result()
+        out.append(response)
+    a, b = out
+    assert b.topk_prompt_logprobs[0] is None and len(b.topk_prompt_logprobs) == 4
+    for x, y in zip(a.topk_prompt_logprobs[1:], b.topk_prompt_logprobs[1:], strict=True):
+        assert [t for t, _ in x] == [t for t, _ in y] and len(y) == 4
+        assert [v for _, v in y] == pytest.approx([v for _, v in x], abs=1e-6)
+    for x, y in zip(a.sequences, b.sequences, strict=True):
+        assert list(y.tokens) == x.tokens and len(y.topk_logprobs) == len(x.tokens)
+        for p, q in zip(x.topk_logprobs, y.topk_logprobs, strict=True):
+            assert [t for t, _ in q] == [t for t, _ in p] and len(q) == 3

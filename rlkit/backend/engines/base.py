@@ -27,6 +27,7 @@ class Request:
     params: SamplingParams
     seed: int
     max_tokens: int
+    topk: int = 0  # top-k logprobs of every sampled token's position (0: none)
 
 
 class Engine(Protocol):

@@ -186,8 +186,10 @@ class _Row:
     stop_ids: set[int]
     stop_strings: list[str]
     generator: torch.Generator | None  # None: greedy
+    topk: int = 0
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
     stop_reason: str = ""
 
     def add(self, token: int, logprob: float, tokenizer) -> bool:
@@ -249,6 +251,25 @@ def _draw(logits: torch.Tensor, logprobs: torch.Tensor, rows: list[_Row]) -> lis
     return chosen
 
 
+def topk_lists(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Each row's k most likely tokens, [(token id, logprob), ...] from the most likely."""
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    return [
+        list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+    ]
+
+
+def _record_topk(logprobs: torch.Tensor, rows: list[_Row]) -> None:
+    """Append the top-k of this position to the rows that asked for it (one topk for all)."""
+    wanted = [b for b, row in enumerate(rows) if row.topk]
+    if not wanted:
+        return
+    k = max(rows[b].topk for b in wanted)
+    tops = topk_lists(logprobs[torch.tensor(wanted, device=logprobs.device)], k)
+    for b, top in zip(wanted, tops, strict=True):
+        rows[b].top.append(top[: rows[b].topk])
+
+
 # Cumulative sums run in float32 inside blocks of this many tokens and in float64 across blocks.
 BLOCK = 256
 
@@ -290,7 +311,7 @@ def sample_batch(model, tokenizer, requests: list[Request]) -> list[list[Sampled
             generator = None
             if not greedy:
                 generator = torch.Generator(device=device).manual_seed(row_seed(r.seed, j))
-            rows.append(_Row(i, r.params, r.max_tokens, stop_ids, stop_strings, generator))
+            rows.append(_Row(i, r.params, r.max_tokens, stop_ids, stop_strings, generator, r.topk))
 
     # Each request's prompt runs once (left-padded: every next token sits in the last column),
     # then its cache, logits and mask are copied to each of its rows.
@@ -313,6 +334,7 @@ def sample_batch(model, tokenizer, requests: list[Request]) -> list[list[Sampled
         logits = logits.float()
         logprobs = logits.log_softmax(-1)  # the raw policy's, before temperature and filters
         chosen = _draw(logits, logprobs, [rows[k] for k in live])
+        _record_topk(logprobs, [rows[k] for k in live])
         done = [
             rows[k].add(token, float(logprobs[b, token]), tokenizer)
             for b, (k, token) in enumerate(zip(live, chosen, strict=True))
@@ -339,7 +361,8 @@ def sample_batch(model, tokenizer, requests: list[Request]) -> list[list[Sampled
 
     results: list[list[SampledSequence]] = [[] for _ in requests]
     for row in rows:
-        results[row.request].append(SampledSequence(row.stop_reason, row.tokens, row.logprobs))
+        top = row.top if row.topk else None
+        results[row.request].append(SampledSequence(row.stop_reason, row.tokens, row.logprobs, top))
     return [
         repeat_greedy(seqs[0], r.num_samples) if r.params.temperature == 0 else seqs
         for seqs, r in zip(results, requests, strict=True)
@@ -353,6 +376,8 @@ class HFEngine:
     name = "hf"
     # Serves a quantized base exactly (the learner falls back to this engine for those).
     serves_quantized = True
+    # Serves top-k logprobs (sample(topk_sample_logprobs=k, topk_prompt_logprobs=k)).
+    serves_topk = True
 
     @dataclass(frozen=True)
     class Options:
@@ -413,13 +438,22 @@ class HFEngine:
         return out
 
     @torch.no_grad()
-    def prompt_logprobs(self, prompt: list[int]) -> list[float | None]:
+    def _prompt_distributions(self, prompt: list[int]) -> torch.Tensor:
+        """The policy's log-probabilities over the vocabulary at each prompt position after the
+        first: (len(prompt) - 1, vocabulary)."""
         model = self._sampler.model
         device = next(model.parameters()).device
         logits = model(input_ids=torch.tensor([prompt[:-1]], device=device)).logits[0].float()
-        targets = torch.tensor(prompt[1:], device=device)
-        logprobs = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
-        return [None, *logprobs.tolist()]
+        return logits.log_softmax(-1)
+
+    def prompt_logprobs(self, prompt: list[int]) -> list[float | None]:
+        targets = torch.tensor(prompt[1:])[:, None]
+        logprobs = self._prompt_distributions(prompt)
+        return [None, *logprobs.gather(-1, targets.to(logprobs.device))[:, 0].tolist()]
+
+    def prompt_topk_logprobs(self, prompt: list[int], k: int) -> list:
+        """Each prompt position's k most likely tokens (None for the first)."""
+        return [None, *topk_lists(self._prompt_distributions(prompt), k)]
 
 
 def _chunks(requests: list[Request], rows: int) -> list[list[Request]]:

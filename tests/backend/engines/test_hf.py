@@ -173,3 +173,42 @@ def test_quantized_layers_are_4bit_and_the_engine_never_merges_into_them(service
     shared = {id(p) for p in engine._sampler.model.parameters()}
     assert all(id(m.weight) in shared for m in base)
     assert all(torch.equal(m.weight.data, packed[id(m)]) for m in base)
+
+
+def test_top_k_logprobs_are_the_policys_most_likely_tokens(trainer):
+    """sample(topk_sample_logprobs=k, topk_prompt_logprobs=k): each position's k most likely
+    tokens under the policy, most likely first; asking for them changes no draw."""
+    sampler = trainer.save_weights_and_get_sampling_client()
+    prompt = types.ModelInput.from_ints([5, 6, 7, 8, 9])
+    params = types.SamplingParams(max_tokens=6, seed=2)
+    plain = sampler.sample(prompt, 3, params, include_prompt_logprobs=True).result()
+    top = sampler.sample(
+        prompt,
+        3,
+        params,
+        include_prompt_logprobs=True,
+        topk_sample_logprobs=4,
+        topk_prompt_logprobs=50,
+    ).result()
+    assert plain.topk_prompt_logprobs is None and plain.sequences[0].topk_logprobs is None
+    assert top.topk_prompt_logprobs[0] is None
+
+    def check(position, token, logprob):
+        values = [v for _, v in position]
+        assert values == sorted(values, reverse=True)
+        assert logprob <= values[0] + 1e-6
+        if token in dict(position):  # the token's own logprob, as the sampler reports it
+            assert dict(position)[token] == pytest.approx(logprob, abs=1e-5)
+
+    tokens = prompt.to_ints()
+    for i in range(1, len(tokens)):
+        assert len(top.topk_prompt_logprobs[i]) == 50
+        check(top.topk_prompt_logprobs[i], tokens[i], top.prompt_logprobs[i])
+    for a, b in zip(plain.sequences, top.sequences, strict=True):
+        assert (a.tokens, a.logprobs) == (b.tokens, b.logprobs)
+        assert len(b.topk_logprobs) == len(b.tokens)
+        for position, token, logprob in zip(b.topk_logprobs, b.tokens, b.logprobs, strict=True):
+            assert len(position) == 4
+            check(position, token, logprob)
+    with pytest.raises(ValueError, match="topk_sample_logprobs must be a whole number >= 0"):
+        sampler.sample(prompt, 1, params, topk_sample_logprobs=-1)

@@ -126,6 +126,9 @@ def test_same_seed_same_tokens_different_seed_different_tokens(trainer):
     assert [s.logprobs for s in a] == [s.logprobs for s in b]
     assert [s.tokens for s in a] != [s.tokens for s in c]
     assert len({tuple(s.tokens) for s in a}) > 1  # n samples of one request differ
+    # Top-k logprobs: engine=hf only, for now; refused in one line, before anything runs.
+    with pytest.raises(NotImplementedError, match="not served by engine=vllm yet"):
+        sampler.sample(types.ModelInput.from_ints(prompt), 1, topk_sample_logprobs=2)
 
 
 def test_queued_requests_run_as_one_batch_with_their_own_seeds(trainer):
