@@ -497,3 +497,29 @@ def test_top_k_logprobs_reach_the_sdk(sdk):
         assert list(y.tokens) == x.tokens and len(y.topk_logprobs) == len(x.tokens)
         for p, q in zip(x.topk_logprobs, y.topk_logprobs, strict=True):
             assert [t for t, _ in q] == [t for t, _ in p] and len(q) == 3
+
+
+def test_the_same_requests_give_the_same_bits_on_a_restarted_service(tmp_path, monkeypatch):
+    """Seeds come from the requests or from the order of the calls: a new service run answers
+    the same sequence of requests, unseeded sampling included, with the same bits."""
+    monkeypatch.setenv("TINKER_API_KEY", "tml-local")
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    runs = []
+    for run in range(2):
+        server, url = start(tmp_path / str(run))
+        try:
+            monkeypatch.setenv("TINKER_BASE_URL", url)
+            sdk = tinker.ServiceClient()
+            trainer = sdk.create_lora_training_client(base_model="rlkit-tiny", rank=8).result()
+            datum = foo_datum(trainer.get_tokenizer())
+            trainer.forward_backward([datum], "cross_entropy")
+            trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            sampler = trainer.save_weights_and_get_sampling_client().result()
+            out = sampler.sample(datum.model_input, 3, types.SamplingParams(max_tokens=6)).result()
+            lp = trainer.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+            runs.append(([(list(s.tokens), list(s.logprobs)) for s in out.sequences], lp.tolist()))
+            sdk.close("success").result()
+        finally:
+            server.terminate()
+            server.wait(30)
+    assert runs[0] == runs[1]
