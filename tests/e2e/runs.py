@@ -148,3 +148,16 @@ def start_service(tmp_path, *args: str) -> tuple[subprocess.Popen, str]:
             time.sleep(0.3)
     proc.kill()
     raise AssertionError("the service did not answer within 120 s")
+
+
+def trainer_logprobs(trainer, types, prompt: list[int], completion: list[int]) -> list[float]:
+    """The training client's logprobs of `completion` after `prompt` (a cross_entropy forward
+    pass), to hold a sampler's logprobs against; `types`: the API's types module (rlkit's or
+    the tinker SDK's)."""
+    full = prompt + list(completion)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(full[:-1]),
+        loss_fn_inputs={"target_tokens": full[1:], "weights": [1.0] * (len(full) - 1)},
+    )
+    out = trainer.forward([datum], "cross_entropy").result()
+    return out.loss_fn_outputs[0]["logprobs"].tolist()[len(prompt) - 1 :]

@@ -14,6 +14,7 @@ from tinker import types
 
 from rlkit.backend.engines import vllm as vllm_engine
 from tests.e2e.runs import start_service as start
+from tests.e2e.runs import trainer_logprobs
 
 pytestmark = pytest.mark.slow
 # Without vLLM its test skips, unless RLKIT_REQUIRE_VLLM=1 (`make test`): then it fails.
@@ -424,13 +425,7 @@ def test_the_vllm_engine_serves_behind_the_service(tmp_path, monkeypatch):
             params = types.SamplingParams(max_tokens=6, seed=seed)
             seq = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result()
             seq = seq.sequences[0]
-            tokens = prompt + seq.tokens
-            scored = types.Datum(
-                model_input=types.ModelInput.from_ints(tokens[:-1]),
-                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
-            )
-            out = trainer.forward([scored], "cross_entropy").result()
-            trained = out.loss_fn_outputs[0]["logprobs"].tolist()[len(prompt) - 1 :]
+            trained = trainer_logprobs(trainer, types, prompt, seq.tokens)
             assert max(abs(a - b) for a, b in zip(seq.logprobs, trained, strict=True)) < 1e-3
         assert health(url)["training_clients"] == 2
         sdk.close("success").result()

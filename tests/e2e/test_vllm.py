@@ -21,7 +21,7 @@ import pytest
 from rlkit.api import types
 from rlkit.backend.engines.probe import StaleAdapterError
 from rlkit.backend.engines.vllm_server import ServerError, VLLMServerEngine
-from tests.e2e.runs import FAST, cli, free_port, wait_for_lines
+from tests.e2e.runs import FAST, cli, free_port, trainer_logprobs, wait_for_lines
 from tests.helpers import skip_module_without_vllm
 
 pytestmark = pytest.mark.slow  # runs rlkit on vLLM; starts a vLLM server
@@ -134,13 +134,7 @@ def test_sync_probe_seeds_and_logprobs_over_http(server):
         assert len(set(map(tuple, tokens))) > 1  # 4 different samples, not one repeated
         # The server's logprobs of its sampled tokens are the trainer's.
         seq = first.sequences[0]
-        full = prompt + seq.tokens
-        datum = types.Datum(
-            model_input=types.ModelInput.from_ints(full[:-1]),
-            loss_fn_inputs={"target_tokens": full[1:], "weights": [1.0] * (len(full) - 1)},
-        )
-        out = trainer.forward([datum], "cross_entropy").result()
-        mine = out.loss_fn_outputs[0]["logprobs"].tolist()[len(prompt) - 1 :]
+        mine = trainer_logprobs(trainer, types, prompt, seq.tokens)
         assert max(abs(a - b) for a, b in zip(mine, seq.logprobs, strict=True)) < TOLERANCE
         assert tokens != previous  # the adapter changed, and the server serves the new one
         previous = tokens
