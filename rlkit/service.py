@@ -149,18 +149,31 @@ def loss_config_from_proto(request) -> dict | None:
 
 
 def forward_to_proto(output: types.ForwardBackwardOutput) -> bytes:
-    """rlkit's forward(-backward) output as a `ForwardBackwardOutput` message: one record of
-    every datum's tensors (float32, byte offsets per datum), and the metrics."""
+    """rlkit's forward(-backward) output as a `ForwardBackwardOutput` message: the datums'
+    tensors (float32, byte offsets per datum) in records of consecutive datums whose tensors
+    have the same trailing shape (one record, unless some datums had (N, K) targets), and the
+    metrics."""
     pb = _pb()
     message = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
-    outputs = output.loss_fn_outputs
-    record = message.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(outputs))
-    for key in outputs[0] if outputs else ():
-        arrays = [np.asarray(o[key].to_numpy(), "<f4").reshape(-1) for o in outputs]
-        batched = record.fields[key]
-        batched.dtype = pb.DTYPE_FLOAT32
-        batched.data = b"".join(a.tobytes() for a in arrays)
-        batched.offsets = np.cumsum([0, *(a.nbytes for a in arrays)]).astype("<i8").tobytes()
+    arrays = [
+        {k: np.asarray(v.to_numpy(), "<f4") for k, v in o.items()} for o in output.loss_fn_outputs
+    ]
+
+    def trailing(datum: dict) -> tuple:
+        return tuple((k, a.shape[1:]) for k, a in sorted(datum.items()))
+
+    for _, run in itertools.groupby(arrays, key=trailing):
+        run = list(run)
+        record = message.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(run))
+        for key in run[0]:
+            flat = [d[key].reshape(-1) for d in run]
+            batched = record.fields[key]
+            batched.dtype = pb.DTYPE_FLOAT32
+            batched.trailing_shape.extend(run[0][key].shape[1:])
+            batched.data = b"".join(a.tobytes() for a in flat)
+            batched.offsets = np.cumsum([0, *(a.nbytes for a in flat)]).astype("<i8").tobytes()
+    if not arrays:
+        message.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=0)
     for key, value in output.metrics.items():
         message.metrics[key] = float(value)
     return message.SerializeToString()

@@ -99,6 +99,9 @@ class LossSpec:
     optional: tuple[str, ...] = ()
     # loss_fn_config keys whose value is a name, with the names allowed.
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # target_tokens may be (N, K): K targets per position, each with its own weight (a
+    # distribution to match, e.g. a teacher's top-k); its inputs and outputs are (N, K) then.
+    soft_targets: bool = False
 
     @property
     def is_policy_loss(self) -> bool:
@@ -173,12 +176,13 @@ def register_loss(
     inputs: tuple[str, ...],
     optional: tuple[str, ...] = (),
     choices: dict[str, tuple[str, ...]] | None = None,
+    soft_targets: bool = False,
     **defaults: float | str,
 ):
     def decorate(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
-        LOSSES[name] = LossSpec(fn, inputs, defaults, optional, choices or {})
+        LOSSES[name] = LossSpec(fn, inputs, defaults, optional, choices or {}, soft_targets)
         return fn
 
     return decorate
@@ -308,9 +312,11 @@ def _ratio(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor) -> torch.Tens
     return torch.exp(logprobs - sampler_logprobs)
 
 
-@register_loss("cross_entropy", inputs=("weights",))
+@register_loss("cross_entropy", inputs=("weights",), soft_targets=True)
 def cross_entropy(logprobs, inputs):
-    """Supervised learning: -weights * logprobs (weights 0 mask out the prompt)."""
+    """Supervised learning: -weights * logprobs (weights 0 mask out the prompt). With (N, K)
+    target_tokens and weights, each position's K targets weighted (distillation onto a teacher's
+    top-k distribution)."""
     return -inputs["weights"] * logprobs
 
 

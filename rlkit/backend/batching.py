@@ -17,7 +17,8 @@ from rlkit.api.types import Datum, to_tensor_data, to_token_list
 
 @dataclass
 class TokenRow:
-    """One datum as tensors (a row of the padded batch): input tokens (N,), target tokens (N,), float loss inputs (N,)."""
+    """One datum as tensors (a row of the padded batch): input tokens (N,), target tokens (N,)
+    and float loss inputs (N,), or both (N, K) with K targets per position (soft targets)."""
 
     tokens: torch.Tensor
     targets: torch.Tensor
@@ -31,9 +32,10 @@ class TokenRow:
 def _check_ids(where: str, ids: torch.Tensor, vocab_size: int) -> None:
     bad = (ids < 0) | (ids >= vocab_size)
     if bad.any():
-        pos = int(bad.nonzero()[0, 0])
+        pos = tuple(bad.nonzero()[0].tolist())
+        at = ", ".join(map(str, pos))
         raise InvalidDatumError(
-            f"{where}[{pos}] = {int(ids[pos])} is outside the vocabulary [0, {vocab_size})"
+            f"{where}[{at}] = {int(ids[pos])} is outside the vocabulary [0, {vocab_size})"
         )
 
 
@@ -74,12 +76,19 @@ def _to_sequence(
         )
 
     tensors = {}
+    # (n,), or (n, K) throughout where the loss takes K targets per position.
+    shape = [n]
+    targets = to_tensor_data(datum.loss_fn_inputs["target_tokens"]).to_torch()
+    if spec.soft_targets and targets.dim() == 2 and targets.shape[0] == n:
+        shape = list(targets.shape)
     for key in sorted(given & allowed):
         value = to_tensor_data(datum.loss_fn_inputs[key]).to_torch()
-        if value.dim() != 1 or value.shape[0] != n:
+        if list(value.shape) != shape:
+            expected = f"[{n}]" + (f" or [{n}, K]" if spec.soft_targets else "")
             raise InvalidDatumError(
                 f"{where}: loss_fn_inputs[{key!r}] has shape {list(value.shape)}, "
-                f"but model_input has length {n} (expected shape [{n}])"
+                f"but model_input has length {n} (expected shape "
+                f"{shape if len(shape) == 2 else expected})"
             )
         tensors[key] = value
     targets = tensors.pop("target_tokens")
@@ -92,9 +101,10 @@ def _to_sequence(
     for key, value in tensors.items():
         value = value.float()
         if not torch.isfinite(value).all():
-            pos = int((~torch.isfinite(value)).nonzero()[0, 0])
+            pos = tuple((~torch.isfinite(value)).nonzero()[0].tolist())
+            at = ", ".join(map(str, pos))
             raise InvalidDatumError(
-                f"{where}: loss_fn_inputs[{key!r}][{pos}] = {float(value[pos])} is not finite"
+                f"{where}: loss_fn_inputs[{key!r}][{at}] = {float(value[pos])} is not finite"
             )
         inputs[key] = value
     return TokenRow(tokens=tokens, targets=targets, inputs=inputs)
@@ -135,13 +145,19 @@ def microbatches(seqs: list[TokenRow], max_tokens: int) -> list[list[int]]:
 
 
 def pad(seqs: list[TokenRow], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (tokens, targets, attention_mask), each (B, T)."""
+    """Right-padded (tokens, targets, attention_mask), each (B, T); targets (B, T, K) where
+    some row has K targets per position (a row with fewer: the rest token 0, never read)."""
     width = max(s.length for s in seqs)
     tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    targets = torch.zeros((len(seqs), width), dtype=torch.long)
+    k = max((s.targets.shape[1] for s in seqs if s.targets.dim() == 2), default=0)
+    targets = torch.zeros((len(seqs), width, *([k] if k else [])), dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):
         tokens[row, : s.length] = s.tokens
-        targets[row, : s.length] = s.targets
+        if k:
+            theirs = s.targets if s.targets.dim() == 2 else s.targets[:, None]
+            targets[row, : s.length, : theirs.shape[1]] = theirs
+        else:
+            targets[row, : s.length] = s.targets
         mask[row, : s.length] = 1
     return tokens, targets, mask

@@ -267,7 +267,8 @@ class Learner:
         """Each row's logprob of its targets; with a list as `entropy`, each row's per-position
         entropy of the predicted distribution is appended to it. Rows that begin alike share
         the forward pass over their common beginning (see prefixes.py)."""
-        plan = prefixes.plan(seqs) if self.share_prefix else None
+        soft = any(s.targets.dim() == 2 for s in seqs)  # K targets per position somewhere
+        plan = prefixes.plan(seqs) if self.share_prefix and not soft else None
         if plan is not None:
             pad_id = self.tokenizer.pad_token_id
             logits = prefixes.forward(self.model, seqs, plan, pad_id, self.device)
@@ -278,6 +279,13 @@ class Learner:
         if entropy is not None:
             h = prefixes.token_entropy(torch.log_softmax(logits.float(), dim=-1))
             entropy += [h[row, : s.length] for row, s in enumerate(seqs)]
+        if soft:  # (B, T, K): each row its own K (one target: K = 1, dropped)
+            return [
+                per_token[row, : s.length, : s.targets.shape[1]]
+                if s.targets.dim() == 2
+                else per_token[row, : s.length, 0]
+                for row, s in enumerate(seqs)
+            ]
         return [per_token[row, : s.length] for row, s in enumerate(seqs)]
 
     @torch.no_grad()

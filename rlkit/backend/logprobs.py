@@ -23,8 +23,13 @@ class _TargetLogprobs(torch.autograd.Function):
             if n:
                 lse[b, :n] = torch.logsumexp(logits[b, :n].float(), dim=-1)
         positions = torch.arange(targets.shape[1], device=logits.device)
-        picked = logits[source[:, None], positions, targets].float()
-        out = (picked - lse[source]) * (positions < lengths[:, None])
+        if targets.dim() == 3:  # (R, T, K): K targets per position
+            valid = (positions < lengths[:, None])[..., None]
+            picked = logits[source[:, None, None], positions[None, :, None], targets].float()
+            out = (picked - lse[source][..., None]) * valid
+        else:
+            picked = logits[source[:, None], positions, targets].float()
+            out = (picked - lse[source]) * (positions < lengths[:, None])
         ctx.save_for_backward(logits, source, targets, lengths, lse)
         ctx.spans = spans
         return out
@@ -33,9 +38,11 @@ class _TargetLogprobs(torch.autograd.Function):
     def backward(ctx, g):
         logits, source, targets, lengths, lse = ctx.saved_tensors
         positions = torch.arange(targets.shape[1], device=logits.device)
-        g = g.float() * (positions < lengths[:, None])
+        soft = targets.dim() == 3
+        valid = positions < lengths[:, None]
+        g = g.float() * (valid[..., None] if soft else valid)
         # Each batch row's positions get the sum of the gradients of the rows that read them.
-        total = torch.zeros_like(lse).index_add_(0, source, g)
+        total = torch.zeros_like(lse).index_add_(0, source, g.sum(-1) if soft else g)
         grad = torch.empty_like(logits)
         direct = grad.dtype == torch.float32  # else each row in float32, then rounded
         for b, n in enumerate(ctx.spans):
@@ -47,7 +54,11 @@ class _TargetLogprobs(torch.autograd.Function):
                 if not direct:
                     grad[b, :n] = part
         # Then + g at each row's targets (a scatter of (R, T) values, not of (R, T, V)).
-        index = (source[:, None].expand_as(targets), positions.expand_as(targets), targets)
+        if soft:
+            rows, positions = source[:, None, None], positions[None, :, None]
+        else:
+            rows = source[:, None]
+        index = (rows.expand_as(targets), positions.expand_as(targets), targets)
         grad.index_put_(index, g.to(grad.dtype), accumulate=True)
         return grad, None, None, None
 
@@ -64,7 +75,8 @@ def target_logprobs(
     logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor, source=None
 ) -> torch.Tensor:
     """(R, T) logprobs of `targets` (R, T) under `logits` (B, T', V), float32: row r reads batch
-    row `source[r]` (default: row r), positions [0, lengths[r]); later positions give 0."""
+    row `source[r]` (default: row r), positions [0, lengths[r]); later positions give 0.
+    Targets (R, T, K), K per position, give (R, T, K)."""
     device = logits.device
     source = torch.arange(targets.shape[0]) if source is None else source
     source, targets, lengths = (t.to(device) for t in (source, targets, lengths))

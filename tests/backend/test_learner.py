@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import rlkit
 from rlkit.api import types
-from rlkit.api.errors import NoGradientsError, RlkitError
+from rlkit.api.errors import InvalidDatumError, NoGradientsError, RlkitError
 from rlkit.backend.learner import STATE_FILE, read_state
 from tests.helpers import (
     adapter_tensors,
@@ -467,3 +467,75 @@ def test_a_closed_client_gives_its_adapter_back_and_the_last_one_the_base(tmp_pa
     assert model() is None and not service._pool.bases
     again = client(service, ARMS[0])  # a new base, as the first client on it
     assert_same(run_steps(again, ARMS[0]), alone[0][0])
+
+
+def test_soft_targets_are_the_weighted_sum_of_hard_ones(service):
+    """cross_entropy with (N, K) target_tokens and weights (a teacher's top-k, as Tinker's
+    distillation sends): the loss and gradients of K hard-target datums, one per column, in
+    one pass; (N, K) logprobs out; another datum in the same batch is unchanged."""
+    prompt = [5, 6, 7, 8, 9, 10]
+    targets = [[6, 11, 12], [7, 7, 13], [8, 14, 2], [9, 3, 4], [10, 20, 21], [11, 5, 6]]
+    weights = [[0.0, 0.0, 0.0], [0.5, 0.3, 0.2], [0.6, 0.4, 0.0], [1.0, 0.0, 0.0]]
+    weights += [[0.2, 0.2, 0.6], [0.7, 0.2, 0.1]]
+    soft = types.Datum(
+        types.ModelInput.from_ints(prompt),
+        {"target_tokens": torch.tensor(targets), "weights": torch.tensor(weights)},
+    )
+    plain = types.Datum(
+        types.ModelInput.from_ints([3, 4, 5]),
+        {"target_tokens": [4, 5, 6], "weights": [1.0, 1.0, 1.0]},
+    )
+    hard = [
+        types.Datum(
+            types.ModelInput.from_ints(prompt),
+            {"target_tokens": [t[j] for t in targets], "weights": [w[j] for w in weights]},
+        )
+        for j in range(3)
+    ]
+
+    def run(data):
+        trainer = service.create_lora_training_client("rlkit-tiny", rank=8, seed=0)
+        out = trainer.forward_backward(data, "cross_entropy").result()
+        learner = trainer._learner  # the second client on the base: another adapter name
+        name = learner.adapter_name
+        grads = {n.replace(name, "X"): p.grad.clone() for n, p in learner.params.items()}
+        return out, grads
+
+    a, grads_a = run([soft, plain])
+    b, grads_b = run([*hard, plain])
+    assert a.metrics["loss:sum"] == pytest.approx(b.metrics["loss:sum"], rel=1e-5)
+    lp = a.loss_fn_outputs[0]["logprobs"].to_torch()
+    assert lp.shape == (6, 3)
+    for j in range(3):
+        want = b.loss_fn_outputs[j]["logprobs"].to_torch()
+        torch.testing.assert_close(lp[:, j], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        a.loss_fn_outputs[1]["logprobs"].to_torch(),
+        b.loss_fn_outputs[3]["logprobs"].to_torch(),
+        atol=1e-5,
+        rtol=0,
+    )
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "loss, inputs, message",
+    [
+        ("cross_entropy", {"weights": [1.0, 1.0]}, r"'weights'\] has shape \[2\], .*\[2, 2\]"),
+        (
+            "importance_sampling",
+            {"logprobs": [0.0, 0.0], "advantages": [1.0, 1.0]},
+            r"'target_tokens'\] has shape \[2, 2\], .*expected shape \[2\]\)",
+        ),
+    ],
+)
+def test_soft_targets_need_matching_inputs_and_a_loss_that_takes_them(
+    trainer, loss, inputs, message
+):
+    datum = types.Datum(
+        types.ModelInput.from_ints([1, 2]), {"target_tokens": [[2, 3], [3, 4]], **inputs}
+    )
+    with pytest.raises(InvalidDatumError, match=message):
+        trainer.forward_backward([datum], loss).result()

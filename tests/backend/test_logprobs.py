@@ -45,3 +45,28 @@ def test_rows_default_to_their_own_batch_row():
         target_logprobs(logits, targets, lengths),
         reference(logits, targets, lengths, torch.arange(2)),
     )
+
+
+def test_k_targets_per_position_give_each_its_logprob_and_gradient():
+    """Targets (R, T, K), soft cross-entropy's: each of a position's K targets read off its
+    log-softmax (duplicates too), the gradients of all of them summed."""
+    g = torch.Generator().manual_seed(1)
+    batch, length, vocab, k = 2, 5, 40, 3
+    logits = torch.randn(batch, length, vocab, generator=g) * 4
+    source = torch.tensor([0, 1, 1])
+    lengths = torch.tensor([5, 2, 4])
+    targets = torch.randint(0, vocab, (3, length, k), generator=g)
+    targets[0, 0, 1] = targets[0, 0, 0]  # the same token twice at one position
+    weights = torch.randn(3, length, k, generator=g)
+
+    ours = logits.clone().requires_grad_()
+    out = target_logprobs(ours, targets, lengths, source)
+    (out * weights).sum().backward()
+    theirs = logits.clone().requires_grad_()
+    lp = theirs.log_softmax(-1)[source[:, None, None], torch.arange(length)[:, None], targets]
+    want = lp * (torch.arange(length) < lengths[:, None])[..., None]
+    (want * weights).sum().backward()
+
+    assert out.shape == (3, length, k)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=0)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import urllib.request
 
+import numpy as np
 import pytest
 import tinker
 from tinker import types
@@ -518,3 +519,25 @@ def test_the_same_requests_give_the_same_bits_on_a_restarted_service(tmp_path, m
             server.terminate()
             server.wait(30)
     assert runs[0] == runs[1]
+
+
+def test_soft_targets_reach_the_sdk_in_their_shape(sdk):
+    """(N, K) target_tokens and weights through the wire (a distillation datum): the SDK gets
+    (N, K) logprobs, and a hard datum beside it its (N,) ones."""
+    trainer = sdk.create_lora_training_client(base_model="rlkit-tiny", rank=8).result()
+    soft = types.Datum(
+        model_input=types.ModelInput.from_ints([5, 6, 7]),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.from_numpy(np.array([[6, 9], [7, 9], [8, 9]])),
+            "weights": types.TensorData.from_numpy(np.full((3, 2), 0.5, np.float32)),
+        },
+    )
+    hard = types.Datum(
+        model_input=types.ModelInput.from_ints([5, 6, 7]),
+        loss_fn_inputs={"target_tokens": [6, 7, 8], "weights": [1.0, 1.0, 1.0]},
+    )
+    out = trainer.forward_backward([hard, soft, hard], "cross_entropy").result()
+    shapes = [o["logprobs"].shape for o in out.loss_fn_outputs]
+    assert shapes == [[3], [3, 2], [3]]
+    both = out.loss_fn_outputs[1]["logprobs"].to_numpy()
+    assert both[:, 0].tolist() == pytest.approx(out.loss_fn_outputs[0]["logprobs"].tolist())
