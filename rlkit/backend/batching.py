@@ -75,14 +75,15 @@ def _to_sequence(
             + (f" and optionally {sorted(set(spec.optional) - required)}" if spec.optional else "")
         )
 
-    tensors = {}
+    tensors = {
+        k: to_tensor_data(datum.loss_fn_inputs[k]).to_torch() for k in sorted(given & allowed)
+    }
     # (n,), or (n, K) throughout where the loss takes K targets per position.
     shape = [n]
-    targets = to_tensor_data(datum.loss_fn_inputs["target_tokens"]).to_torch()
+    targets = tensors["target_tokens"]
     if spec.soft_targets and targets.dim() == 2 and targets.shape[0] == n:
         shape = list(targets.shape)
-    for key in sorted(given & allowed):
-        value = to_tensor_data(datum.loss_fn_inputs[key]).to_torch()
+    for key, value in tensors.items():
         if list(value.shape) != shape:
             expected = f"[{n}]" + (f" or [{n}, K]" if spec.soft_targets else "")
             raise InvalidDatumError(
@@ -90,7 +91,6 @@ def _to_sequence(
                 f"but model_input has length {n} (expected shape "
                 f"{shape if len(shape) == 2 else expected})"
             )
-        tensors[key] = value
     targets = tensors.pop("target_tokens")
     if targets.is_floating_point() and not torch.equal(targets, targets.round()):
         raise InvalidDatumError(f"{where}: target_tokens must be integers")
