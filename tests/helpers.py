@@ -11,8 +11,11 @@ import torch
 
 from rlkit.api import types
 from rlkit.examples import first_sft
-from rlkit.rl.envs.base import Env
+from rlkit.rl.envs.base import Env, Grade
 from rlkit.rl.envs.pair_sum import PairSumEnv
+
+# A grader's three verdicts: right, wrong (in the asked format), unformatted.
+RIGHT, WRONG, UNFORMATTED = Grade(True, True), Grade(False, True), Grade(False, False)
 
 
 def sft_datums(tokenizer, n=4):

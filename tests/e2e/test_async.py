@@ -12,6 +12,7 @@ import pytest
 
 from rlkit.rl.loop import train
 from rlkit.run.config import compose
+from rlkit.run.outputs import read_jsonl
 from rlkit.run.validate import validate
 from tests.e2e.runs import TINY, assert_same_as
 
@@ -37,7 +38,7 @@ def run_inprocess(run_dir, *extra):
 
 
 def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 @pytest.fixture(scope="module")

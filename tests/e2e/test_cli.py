@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from rlkit.run.outputs import read_jsonl
 from tests.e2e.runs import cli as rlkit_cli
 from tests.e2e.runs import replace_rollout_metrics, wait_for_lines
 
@@ -128,7 +129,7 @@ def test_a_swapped_warmup_or_env_replaces_the_recipes_settings(tmp_path):
     no_warmup = [o for o in FAST if not o.startswith("warmup.")]
     proc = cli(tmp_path, *no_warmup, "warmup=none")
     assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(x) for x in (tmp_path / "run0" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(tmp_path / "run0" / "metrics.jsonl")
     assert rows[0]["step"] == 0 and "warm start" not in proc.stderr
 
     data = tmp_path / "sums.jsonl"

@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlkit.run.outputs import read_jsonl
 from tests.e2e.runs import free_port, replace_rollout_metrics, wait_for_lines
 
 pytestmark = pytest.mark.slow  # starts launchers and their processes
@@ -95,7 +96,7 @@ def ok(done: subprocess.CompletedProcess) -> None:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def same_bits(a: Path, b: Path) -> None:

@@ -8,7 +8,6 @@ file runs too, shortened by SHORT (a smaller model and fewer steps), and must tr
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from rlkit.run.outputs import read_jsonl
 from tests.e2e.runs import start_service
 
 # The docs' commands and the site build run in subprocesses; the two extraction checks
@@ -154,7 +154,7 @@ def test_plugin_commands_train(page, line, tmp_path):
     run_dir = tmp_path / "run"
     proc = run([sys.executable, "-m", "rlkit", *args, *SHORT, f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, f"{page.name}: {line}\n{proc.stderr[-3000:]}"
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(run_dir / "metrics.jsonl")
     step = next(r for r in records if r["step"] == 0 and "reward/mean" in r)
     for name in re.findall(r"\+reward\.(\w+)\._target_", line):
         assert f"reward/{name}" in step

@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 
+from rlkit.run.outputs import read_jsonl
 from tests.e2e.runs import FAST, cli
 
 # Subprocess runs of `python -m rlkit`.
@@ -38,7 +39,7 @@ def test_plugin_reward_by_target_override(tmp_path):
         cwd=tmp_path,
         extra_env={"PYTHONPATH": str(pkg)},
     )
-    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
+    first = read_jsonl(run_dir / "metrics.jsonl")[1]
     assert "reward/seven" in first
 
 
@@ -109,7 +110,7 @@ NO_RECIPE = [o for o in FAST if not o.startswith(("recipe", "env."))]
 
 
 def _eval_sizes(run_dir):
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(run_dir / "metrics.jsonl")
     return [r for r in records if "eval/accuracy" in r]
 
 

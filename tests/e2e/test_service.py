@@ -206,22 +206,30 @@ def test_an_rl_loop_written_for_tinker_samples_and_trains(sdk):
     assert again.loss_fn_outputs[0]["logprobs"].tolist() != first[1]  # the policy moved
 
 
-TWO_CLIENTS = """
-import json, sys, tinker
+# Five SFT steps on a client of `service` (the SDK's or rlkit's own), then its logprobs: run in
+# each SDK process, and in this one on rlkit's client for what each gets alone.
+FIVE_STEPS = """
 from tinker import types
-seed = int(sys.argv[1])
-service = tinker.ServiceClient()
-trainer = service.create_lora_training_client(base_model="rlkit-tiny", rank=8, seed=seed).result()
-datum = types.Datum(
-    model_input=types.ModelInput.from_ints([5, 6, 7, 8]),
-    loss_fn_inputs={"target_tokens": [6, 7, 8, 9], "weights": [1.0] * 4},
-)
-for _ in range(5):
-    trainer.forward_backward([datum], "cross_entropy")
-    trainer.optim_step(types.AdamParams(learning_rate=1e-2))
-out = trainer.forward([datum], "cross_entropy").result()
-print(json.dumps(out.loss_fn_outputs[0]["logprobs"].tolist()))
+def five_steps(service, seed):
+    trainer = service.create_lora_training_client(base_model="rlkit-tiny", rank=8, seed=seed)
+    trainer = trainer.result() if hasattr(trainer, "result") else trainer
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([5, 6, 7, 8]),
+        loss_fn_inputs={"target_tokens": [6, 7, 8, 9], "weights": [1.0] * 4},
+    )
+    for _ in range(5):
+        trainer.forward_backward([datum], "cross_entropy")
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2))
+    out = trainer.forward([datum], "cross_entropy").result()
+    return out.loss_fn_outputs[0]["logprobs"].tolist()
 """
+TWO_CLIENTS = (
+    FIVE_STEPS
+    + """
+import json, sys, tinker
+print(json.dumps(five_steps(tinker.ServiceClient(), int(sys.argv[1]))))
+"""
+)
 
 
 def test_two_sdk_processes_at_once_each_get_what_they_get_alone(service_url, tmp_path):
@@ -244,18 +252,11 @@ def test_two_sdk_processes_at_once_each_get_what_they_get_alone(service_url, tmp
         for seed in (11, 12)
     ]
     results = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
-    local = rlkit.ServiceClient(device="cpu", dtype="float32")
+    steps: dict = {}
+    exec(FIVE_STEPS, steps)
     for seed, got in zip((11, 12), results, strict=True):
-        trainer = local.create_lora_training_client("rlkit-tiny", rank=8, seed=seed)
-        datum = types.Datum(
-            model_input=types.ModelInput.from_ints([5, 6, 7, 8]),
-            loss_fn_inputs={"target_tokens": [6, 7, 8, 9], "weights": [1.0] * 4},
-        )
-        for _ in range(5):
-            trainer.forward_backward([datum], "cross_entropy")
-            trainer.optim_step(types.AdamParams(learning_rate=1e-2))
-        alone = trainer.forward([datum], "cross_entropy").result()
-        assert got == alone.loss_fn_outputs[0]["logprobs"].tolist()
+        local = rlkit.ServiceClient(device="cpu", dtype="float32")
+        assert got == steps["five_steps"](local, seed)  # what it gets alone
     assert results[0] != results[1]
 
 

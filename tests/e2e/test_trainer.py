@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from rlkit.rl.loop import train
 from rlkit.rl.rewards.base import RewardError
 from rlkit.run.config import compose
+from rlkit.run.outputs import read_jsonl
 from rlkit.run.validate import validate
 from tests.e2e.runs import FAST, cli
 from tests.helpers import requires_bitsandbytes
@@ -63,7 +64,7 @@ def test_shortened_pair_sum_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     cli([*FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(run_dir / "metrics.jsonl")
     steps = [r for r in records if r["step"] >= 0 and "reward/mean" in r]
     assert len(steps) == 3
     for record in steps:
@@ -139,7 +140,7 @@ def test_calculator_tool_env_end_to_end(tmp_path):
         ],
         cwd=tmp_path,
     )
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(run_dir / "metrics.jsonl")
     steps = [r for r in records if r["step"] >= 0 and "reward/mean" in r]
     assert len(steps) == 3
     assert all({"env/tool_use", "env/tool_calls", "train/turns"} <= set(r) for r in steps)
@@ -200,7 +201,7 @@ def test_broken_reward_can_skip_its_groups(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = compose([*FAST, "+reward.bad._target_=badrewards.EveryOther", "on_reward_error=skip"])
     train(cfg, tmp_path / "run")
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     failed = [r["train/failed_reward_groups"] for r in records if "train/failed_reward_groups" in r]
     assert failed == [1, 1, 1]
     err = capsys.readouterr().err
@@ -294,7 +295,7 @@ def test_cli_qdora_run_is_bitwise_reproducible(tmp_path):
             capture_output=True,
             timeout=600,
         )
-    metrics = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(runs[0] / "metrics.jsonl")
     rl = [m for m in metrics if "sync/probe_mismatch" in m]
     assert len(rl) == 2 and all(m["sync/probe_mismatch"] <= 1e-6 for m in rl)
     assert all(m["train/logprob_mismatch"] <= 1e-5 for m in rl)

@@ -8,7 +8,6 @@ Without vLLM installed these tests skip, unless RLKIT_REQUIRE_VLLM=1 (set by `ma
 cannot pass by skipping them).
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 from rlkit.api import types
 from rlkit.backend.engines.probe import StaleAdapterError
 from rlkit.backend.engines.vllm_server import ServerError, VLLMServerEngine
+from rlkit.run.outputs import read_jsonl
 from tests.e2e.runs import FAST, cli, free_port, trainer_logprobs, wait_for_lines
 from tests.helpers import skip_module_without_vllm
 
@@ -35,7 +35,6 @@ TOLERANCE = 1e-4
 
 def test_trainer_cli_with_engine_vllm(tmp_path):
     """A few RL steps through `python -m rlkit ... engine=vllm` with truncated IS switched on."""
-    import json
 
     run_dir = tmp_path / "run"
     cli(
@@ -48,7 +47,7 @@ def test_trainer_cli_with_engine_vllm(tmp_path):
         ],
         cwd=tmp_path,
     )
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(run_dir / "metrics.jsonl")
     steps = [r for r in records if r["step"] >= 0 and "reward/mean" in r]
     assert len(steps) == 3
     for r in steps:
@@ -193,9 +192,7 @@ def test_a_run_on_the_server_then_the_server_dies_mid_run(server, tmp_path, cach
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [
-        json.loads(line) for line in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = read_jsonl(tmp_path / "ok" / "metrics.jsonl")
     probes = [r["sync/probe_mismatch"] for r in rows if r.get("step", -1) >= 0 and "train/lr" in r]
     assert len(probes) == 2 and max(probes) < TOLERANCE
 

@@ -16,9 +16,9 @@ from rlkit.rl.graders.base import parse_number, tagged
 from rlkit.rl.graders.exact_match import ExactMatch
 from rlkit.rl.graders.math_answer import MathAnswer, normalize_latex
 from rlkit.rl.graders.numeric import Numeric
+from tests.helpers import RIGHT
 
 GRADER_CONF = Path(__file__).parents[3] / "conf" / "grader"
-RIGHT, WRONG, UNFORMATTED = Grade(True, True), Grade(False, True), Grade(False, False)
 
 
 @pytest.mark.parametrize(

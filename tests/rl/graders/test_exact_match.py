@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from rlkit.rl.envs.base import Grade
 from rlkit.rl.graders.exact_match import ExactMatch
-
-RIGHT, WRONG, UNFORMATTED = Grade(True, True), Grade(False, True), Grade(False, False)
+from tests.helpers import RIGHT, UNFORMATTED, WRONG
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from rlkit.rl.envs.base import Grade
 from rlkit.rl.graders.base import GraderError
 from rlkit.rl.graders.math_answer import MathAnswer, normalize_latex
-
-RIGHT, WRONG, UNFORMATTED = Grade(True, True), Grade(False, True), Grade(False, False)
+from tests.helpers import RIGHT, UNFORMATTED, WRONG
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,9 @@ from __future__ import annotations
 import pytest
 
 from rlkit.api.errors import RlkitError
-from rlkit.rl.envs.base import Grade
 from rlkit.rl.graders.base import GraderError
 from rlkit.rl.graders.numeric import Numeric
-
-RIGHT, WRONG, UNFORMATTED = Grade(True, True), Grade(False, True), Grade(False, False)
+from tests.helpers import RIGHT, UNFORMATTED, WRONG
 
 
 @pytest.mark.parametrize(

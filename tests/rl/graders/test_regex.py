@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rlkit.rl.envs.base import Grade
 from rlkit.rl.graders.regex import Regex
-
-RIGHT, WRONG, UNFORMATTED = Grade(True, True), Grade(False, True), Grade(False, False)
+from tests.helpers import RIGHT, UNFORMATTED, WRONG
 
 
 @pytest.mark.parametrize(
