@@ -60,7 +60,7 @@ from rlkit.backend import distributed, models
 from rlkit.backend.engines.base import Request
 from rlkit.backend.engines.probe import Snapshot
 from rlkit.backend.engines.registry import EngineSettings
-from rlkit.backend.learner import BasePool, Learner, MainThread, read_state
+from rlkit.backend.learner import BasePool, Learner, MainThread, forward_together, read_state
 
 __all__ = [
     "APIFuture",
@@ -225,6 +225,24 @@ class _Worker:
             future.set_exception(exc)
         return APIFuture(future)
 
+    def forward(self, data, loss_fn, loss_fn_config, backward: bool) -> APIFuture:
+        """`Learner.forward`, batched with other clients' on this base where their calls are
+        served together (`ServiceClient.serve_calls_here(parties=...)`)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.flush()
+        learner = self.learner
+        try:
+            future.set_result(
+                learner.shared.run_together(
+                    ("forward", backward),
+                    functools.partial(_locked, self._lock, forward_together),
+                    (learner, data, loss_fn, loss_fn_config, backward),
+                )
+            )
+        except Exception as exc:
+            future.set_exception(exc)
+        return APIFuture(future)
+
     def _run(self, fn: Callable[..., T], *args, lock=None, **kwargs) -> T:
         """`fn(...)` under `lock` (default: the model's), in this thread, or in the thread that
         serves the base's calls (`ServiceClient.serve_calls_here`)."""
@@ -287,6 +305,11 @@ class _Worker:
                 future.set_exception(exc)
 
 
+def _locked(lock, fn, *args):
+    with lock:
+        return fn(*args)
+
+
 def _dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
@@ -345,14 +368,23 @@ class ServiceClient:
         self.checkpoint_dir = Path(checkpoint_dir or models.cache_dir() / "checkpoints")
 
     def serve_calls_here(
-        self, until: Callable[[], bool], start: Callable[[], None] | None = None
+        self,
+        until: Callable[[], bool],
+        start: Callable[[], None] | None = None,
+        parties: list[threading.Thread] | None = None,
     ) -> None:
         """Run the work of every training client on this client's base models (and those of
         clients made with `shares_with=` this one) in the calling thread, until `until()` is
         true; `start()` (the threads that drive the clients) runs first. For a program that
         drives several training clients from threads of its own (a sweep's arms), so torch
-        runs in one thread, the main one (local extension)."""
-        runner = self._pool.runner = MainThread()
+        runs in one thread, the main one (local extension).
+
+        `parties`: those threads, in a fixed order, each driving its clients through `in_turn`;
+        their `forward` / `forward_backward` calls on one base then run as one pass (each row
+        through its client's adapter) once every party still running waits on one. The same
+        batches in every run (each party waits on one call at a time); each client's results
+        equal its own pass's to float rounding."""
+        runner = self._pool.runner = MainThread(parties)
         try:
             if start is not None:
                 start()
@@ -540,12 +572,12 @@ class TrainingClient:
     def forward(
         self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None = None
     ) -> APIFuture[ForwardBackwardOutput]:
-        return self._worker.submit(self._learner.forward, data, loss_fn, loss_fn_config, False)
+        return self._worker.forward(data, loss_fn, loss_fn_config, False)
 
     def forward_backward(
         self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None = None
     ) -> APIFuture[ForwardBackwardOutput]:
-        return self._worker.submit(self._learner.forward, data, loss_fn, loss_fn_config, True)
+        return self._worker.forward(data, loss_fn, loss_fn_config, True)
 
     def compute_reference_logprobs(self, data: list[Datum]) -> APIFuture[list[TensorData]]:
         """Each datum's `target_tokens` logprobs under the KL reference (local extension, for a

@@ -50,18 +50,24 @@ def arm_rows(seed: int) -> list[TokenRow]:
     return rows
 
 
-def train_pass(model, seqs: list[TokenRow], pad_id: int, names: list[str] | None) -> None:
+def train_pass(model, seqs: list[TokenRow], pad_id: int, names: list[str] | None, peft_rows=False):
     """prefixes.forward's two passes (shared prompts, then each row's own tokens), with each
-    row's adapter named in `names` (None: the active adapter), then backward."""
+    row's adapter named in `names` (None: the active adapter), then backward: per-row adapters
+    by rlkit's slices (`adapters.per_row`), or by peft's mixed batches (`peft_rows`)."""
+    if names is None or not peft_rows:
+        plan = prefixes.plan(seqs, names)
+        logits = prefixes.forward(model, seqs, plan, pad_id, "cpu", names)
+        logprobs = prefixes.row_logprobs(seqs, plan, logits, None)
+        torch.stack([lp.sum() for lp in logprobs]).sum().backward()
+        return
     plan = prefixes.plan(seqs)
     n = plan.length
-
-    def per_row(rows):
-        return {} if names is None else {"adapter_names": [names[r] for r in rows]}
-
     ids = torch.stack([seqs[r].tokens[:n] for r in plan.members])
     shared = model(
-        input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **per_row(plan.members)
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        use_cache=True,
+        adapter_names=[names[r] for r in plan.members],
     )
     own = []
     for bucket in plan.buckets:
@@ -75,7 +81,7 @@ def train_pass(model, seqs: list[TokenRow], pad_id: int, names: list[str] | None
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            **per_row(bucket),
+            adapter_names=[names[r] for r in bucket],
         )
         own.append(out.logits)
     logprobs = prefixes.row_logprobs(seqs, plan, (shared.logits, own), None)
@@ -138,11 +144,13 @@ def main() -> None:
         model.set_adapter(names[0])
         train_pass(model, rows, pad_id, None)
 
-    def train_together():
-        model.eval()  # peft takes per-row adapters in eval mode only (no dropout here anyway)
-        for name, p in model.named_parameters():
-            p.requires_grad_(".lora_" in name)  # every arm's adapter trains
-        train_pass(model, rows, pad_id, row_names)
+    def train_together(peft_rows=False):
+        model.train()
+        if peft_rows:
+            model.eval()  # peft takes per-row adapters in eval mode only (no dropout here anyway)
+            for name, p in model.named_parameters():
+                p.requires_grad_(".lora_" in name)  # every arm's adapter trains
+        train_pass(model, rows, pad_id, row_names, peft_rows)
 
     samplers = []
     for name in names:
@@ -156,8 +164,12 @@ def main() -> None:
         for sampler in samplers:
             decode(sampler, per_arm, 31, None)
 
-    def decode_together():
-        decode(unmerged, per_arm * k, 31, decode_names)
+    def decode_together(peft_rows=False):
+        if peft_rows:
+            decode(unmerged, per_arm * k, 31, decode_names)
+            return
+        with adapters.per_row(unmerged, decode_names):
+            decode(unmerged, per_arm * k, 31, None)
 
     def decode_bound():
         decode(samplers[0], per_arm * k, 31, None)
@@ -167,11 +179,15 @@ def main() -> None:
         ("train pass", train_apart, train_together, train_bound),
         ("decode, 31 tokens", decode_apart, decode_together, decode_bound),
     ]:
-        a, b, c = (median_s(fn, args.repeats) for fn in (apart, together, bound))
+        a, b, p, c = (
+            median_s(fn, args.repeats)
+            for fn in (apart, together, lambda f=together: f(peft_rows=True), bound)
+        )
         print(
-            f"{label}: one arm after another {a:.3f} s | one batch, per-row adapters {b:.3f} s "
-            f"(ratio {b / a:.2f}) | one batch, all rows through one arm's weights {c:.3f} s "
-            f"(ratio {c / a:.2f}: the most batching could save)"
+            f"{label}: one arm after another {a:.3f} s | one batch, rlkit's per-row adapters "
+            f"{b:.3f} s (ratio {b / a:.2f}) | peft's per-row adapters {p:.3f} s (ratio "
+            f"{p / a:.2f}) | all rows through one arm's weights {c:.3f} s (ratio {c / a:.2f}: "
+            "the most batching could save)"
         )
 
 

@@ -1,15 +1,17 @@
 """A sweep's arms as adapters on one base (`hydra/launcher=adapters`) against Hydra's basic
 launcher (one arm after another), side by side in one run of this script.
 
-Runs `python -m rlkit -m recipe=pair_sum optim.lr=A,B seed=0,1` (4 arms) three ways, one after
+Runs `python -m rlkit -m recipe=pair_sum optim.lr=A,B seed=0,1` (4 arms) four ways, one after
 another on the same machine:
-- adapters: `hydra/launcher=adapters hydra.launcher.arms=4`, one process, the 4 arms together;
+- adapters: `hydra/launcher=adapters hydra.launcher.arms=4`, one process, the 4 arms together,
+  their forward_backward calls batched into one pass;
+- turns: the same with `hydra.launcher.batch=false` (the arms' calls take turns);
 - basic: Hydra's basic launcher, one process, the arms one after another;
 - separate: one arm alone in its own process, the memory each of 4 separate processes holds
   (the arms have the same shapes; 4 of them at once hold 4x this).
 It prints each one's wall time and peak resident memory (the process's ru_maxrss, from wait4),
 the ratios (adapters / basic wall time, adapters / 4 separate processes' memory), and every
-arm's final held-out accuracy under both launchers (and whether its metrics and adapter are
+arm's final held-out accuracy each way (and whether its metrics and adapter with batch=false are
 bitwise those of the basic launcher's run, `python -m rlkit.repro compare`).
 
     python scripts/bench_sweep.py                      # the recipe as it is (~15 min, 2 cores)
@@ -67,8 +69,10 @@ def main() -> None:
     arms = len(opts.lrs.split(",")) * len(opts.seeds.split(","))
 
     results = {}
+    adapters = ["hydra/launcher=adapters", f"hydra.launcher.arms={arms}"]
     for name, extra in [
-        ("adapters", ["hydra/launcher=adapters", f"hydra.launcher.arms={arms}"]),
+        ("adapters", adapters),
+        ("turns", [*adapters, "hydra.launcher.batch=false"]),
         ("basic", []),
     ]:
         sweep_dir = root / name
@@ -85,19 +89,30 @@ def main() -> None:
     )
 
     (a_wall, a_rss, a_dir), (b_wall, _, b_dir) = results["adapters"], results["basic"]
-    print(f"\nwall time, adapters / basic: {a_wall / b_wall:.2f}x")
-    print(f"peak memory, adapters / {arms} separate processes: {a_rss / (arms * rss):.2f}x")
-    print("\n| arm | overrides | final eval acc, adapters | basic | bitwise equal |")
-    print("|---:|---|---:|---:|---|")
+    t_wall, t_rss, t_dir = results["turns"]
+    print(
+        f"\nwall time, adapters / basic: {a_wall / b_wall:.2f}x (batch=false: {t_wall / b_wall:.2f}x)"
+    )
+    print(
+        f"peak memory, adapters / {arms} separate processes: {a_rss / (arms * rss):.2f}x "
+        f"(batch=false: {t_rss / (arms * rss):.2f}x)"
+    )
+    print(
+        "\n| arm | overrides | final eval acc, adapters | batch=false | basic | batch=false "
+        "bitwise basic |"
+    )
+    print("|---:|---|---:|---:|---:|---|")
     for arm_dir in sorted(a_dir.iterdir()):
         if not arm_dir.name.isdigit():
             continue
         overrides = (arm_dir / ".hydra" / "overrides.yaml").read_text().split("\n")
         swept = " ".join(o.lstrip("- ") for o in overrides if o.startswith(("- optim", "- seed")))
         other = b_dir / arm_dir.name
+        turns = t_dir / arm_dir.name
         print(
             f"| {arm_dir.name} | {swept} | {final_accuracy(arm_dir):.3f} | "
-            f"{final_accuracy(other):.3f} | {bitwise(arm_dir, other)} |"
+            f"{final_accuracy(turns):.3f} | {final_accuracy(other):.3f} | "
+            f"{bitwise(turns, other)} |"
         )
     print(f"\nrun dirs under {root}")
 

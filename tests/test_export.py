@@ -42,7 +42,8 @@ def check_merged(out, base, adapter, tokens):
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     logits = logits_of(merged, tokens)
     before, expected = base_and_unmerged(base, adapter, tokens)
-    assert (logits - expected).abs().max() < 1e-5
+    # Merged weights round once more than base + B A: float32 rounding of logits of ~3.
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     assert (logits - before).abs().max() > 1e-3  # the adapter changed them
     return merged
 

@@ -7,10 +7,14 @@ architecture works, not only Qwen's layer names.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import warnings
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 from rlkit.api.adapter import AdapterSpec
@@ -92,3 +96,63 @@ def _sorted_sets(peft_model: PeftModel) -> None:
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def can_batch(peft_model: PeftModel, names: list[str]) -> bool:
+    """Whether rows of these adapters can run in one pass (`per_row`): plain LoRA on plain
+    linear layers (a DoRA adapter's or a quantized layer's own forward is left alone)."""
+    from peft.tuners.lora.layer import Linear
+
+    return not any(
+        type(module) is not Linear or any(name in module.lora_variant for name in names)
+        for module in peft_model.modules()
+        if isinstance(module, LoraLayer)
+    )
+
+
+@contextlib.contextmanager
+def per_row(peft_model: PeftModel, row_adapters: list[str] | None):
+    """Every adapted layer runs row i of its input through adapter `row_adapters[i]` (rows of
+    one adapter must be neighbours: each adapter's rows are one slice, its matmuls those of its
+    rows alone), the base weights once for all rows; None: as the model is. Every named
+    adapter trains meanwhile. See `can_batch` for which adapters can."""
+    if row_adapters is None:
+        yield
+        return
+    segments = [(name, len(list(run))) for name, run in itertools.groupby(row_adapters)]
+    if len({name for name, _ in segments}) != len(segments):
+        raise ValueError(f"rows of one adapter must be neighbours, got {row_adapters}")
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    params = [
+        p
+        for name, p in peft_model.named_parameters()
+        if any(f".{adapter}." in name for adapter, _ in segments) and ".lora_" in name
+    ]
+    trains = [p.requires_grad for p in params]
+    for layer in layers:
+        layer.forward = functools.partial(_segments_forward, layer, segments)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+        for p, flag in zip(params, trains, strict=True):
+            p.requires_grad_(flag)
+
+
+def _segments_forward(layer, segments: list[tuple[str, int]], x: torch.Tensor, *args, **kwargs):
+    result = layer.base_layer(x, *args, **kwargs)
+    sizes = [n for _, n in segments]
+    if sum(sizes) != x.shape[0]:
+        raise ValueError(f"per_row: {sum(sizes)} rows named, the pass has {x.shape[0]}")
+    parts = []
+    # One split (its backward is one concatenation; a slice's fills a zero tensor of all rows).
+    for (name, n), rows in zip(segments, x.split(sizes), strict=True):
+        if name not in layer.lora_A:  # this adapter leaves the layer as it is
+            parts.append(result.new_zeros((n, *result.shape[1:])))
+            continue
+        rows = rows.to(layer.lora_A[name].weight.dtype)
+        parts.append(layer.lora_B[name](layer.lora_A[name](rows)) * layer.scaling[name])
+    return result + torch.cat(parts).to(result.dtype)

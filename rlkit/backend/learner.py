@@ -63,15 +63,23 @@ class MainThread:
     building the models included, then happens in that one thread. Measured on 2 CPU cores (a
     4-arm sweep): with each client's work in its own thread, 1.4x the time of running the arms
     one after another; with the models built in one thread and trained in another, 1.5x; all
-    in one thread, 1.03x."""
+    in one thread, 1.03x.
 
-    def __init__(self) -> None:
+    `parties` (the driving threads, in a fixed order) turns on batching across them: a call
+    submitted with `call_together` waits until every party still running waits on one, then
+    the waiting calls of one kind run as one (`many([item, ...])`, in the parties' order). A
+    party waits on one call at a time, so which calls meet in a batch depends on each party's
+    own sequence of calls alone, never on timing: the same batches in every run."""
+
+    def __init__(self, parties: list[threading.Thread] | None = None) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._serving: threading.Thread | None = None
         # Threads that drive clients run their Python one at a time (`in_turn`); the one whose
         # turn it is gives it up while it waits for a call.
         self._turn = threading.Lock()
         self._holder: threading.Thread | None = None
+        self._rank = {thread: i for i, thread in enumerate(parties or [])}
+        self._finished: set[threading.Thread] = set()
 
     def in_turn(self, fn, *args):
         """`fn(*args)`, in the calling thread, taking turns with the other threads in `in_turn`."""
@@ -81,10 +89,26 @@ class MainThread:
                 return fn(*args)
             finally:
                 self._holder = None
+                if threading.current_thread() in self._rank:  # one party fewer to wait for
+                    self._finished.add(threading.current_thread())
+                    self._queue.put(None)
 
     def call(self, fn, *args):
         """`fn(*args)` run by the serving thread; the caller's turn is free meanwhile."""
-        future = self.submit(fn, *args)
+        return self._wait(self.submit(fn, *args))
+
+    def call_together(self, key, many, item):
+        """`many([item, ...])[0]` for this call's `item`, batched with the other parties'
+        waiting calls of the same `key` (see the class docstring); `many` returns one result or
+        exception per item. From a thread that is not a party: `many([item])` alone."""
+        rank = self._rank.get(threading.current_thread())
+        if rank is None or threading.current_thread() is self._serving:
+            return _unpack(self.call(many, [item])[0])
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((future, (rank, key, many, item)))
+        return _unpack(self._wait(future))
+
+    def _wait(self, future: concurrent.futures.Future):
         if self._holder is not threading.current_thread():
             return future.result()
         self._holder = None
@@ -107,16 +131,53 @@ class MainThread:
         """Run submitted work until `until()` is true (checked at least every `poll_s`, so
         signal handlers run in between)."""
         self._serving = threading.current_thread()
+        waiting: list = []  # (future, (rank, key, many, item)): calls to batch
         try:
             while not until():
                 try:
-                    future, fn, args = self._queue.get(timeout=poll_s)
+                    entry = self._queue.get(timeout=poll_s)
                 except queue.Empty:
                     continue
-                with self._turn:  # no thread in `in_turn` runs Python meanwhile
-                    _settle(future, fn, args)
+                if entry is not None and len(entry) == 2:
+                    waiting.append(entry)
+                elif entry is not None:
+                    future, fn, args = entry
+                    with self._turn:  # no thread in `in_turn` runs Python meanwhile
+                        _settle(future, fn, args)
+                if waiting and len(waiting) >= self._running():
+                    self._run_together(waiting)
+                    waiting = []
         finally:
             self._serving = None
+
+    def _running(self) -> int:
+        """Parties not finished yet (or not started yet)."""
+        return sum(
+            thread not in self._finished and (thread.ident is None or thread.is_alive())
+            for thread in self._rank
+        )
+
+    def _run_together(self, waiting: list) -> None:
+        """The waiting calls, one batch per key, in the parties' order."""
+        waiting.sort(key=lambda entry: entry[1][0])
+        batches: dict = {}
+        for future, (_, key, many, item) in waiting:
+            batches.setdefault(key, (many, []))[1].append((future, item))
+        for many, calls in batches.values():
+            futures = [future for future, _ in calls]
+            with self._turn:
+                try:
+                    results = many([item for _, item in calls])
+                except BaseException as exc:  # the whole batch failed: each caller gets it
+                    results = [exc] * len(calls)
+            for future, result in zip(futures, results, strict=True):
+                future.set_result(result)
+
+
+def _unpack(result):
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def _settle(future: concurrent.futures.Future, fn, args) -> None:
@@ -161,6 +222,14 @@ class SharedBase:
         (`MainThread`), or else in the caller's."""
         runner = self.pool.runner if self.pool is not None else None
         return fn(*args) if runner is None else runner.call(fn, *args)
+
+    def run_together(self, key, many, item):
+        """`many([item])[0]` where this base's work runs, batched with other clients' calls of
+        the same `key` on this base where the serving thread batches (`MainThread` parties)."""
+        runner = self.pool.runner if self.pool is not None else None
+        if runner is None:
+            return _unpack(many([item])[0])
+        return runner.call_together((id(self), key), many, item)
 
 
 class Learner:
@@ -263,18 +332,23 @@ class Learner:
             self.model.set_adapter(self.adapter_name)
 
     # ---- forward / backward -------------------------------------------------------------
-    def _logprobs(self, seqs: list[TokenRow], entropy: list | None = None) -> list[torch.Tensor]:
+    def _logprobs(
+        self, seqs: list[TokenRow], entropy: list | None = None, row_adapters=None
+    ) -> list[torch.Tensor]:
         """Each row's logprob of its targets; with a list as `entropy`, each row's per-position
         entropy of the predicted distribution is appended to it. Rows that begin alike share
-        the forward pass over their common beginning (see prefixes.py)."""
+        the forward pass over their common beginning (see prefixes.py). `row_adapters`: each
+        row's adapter, rows of one adapter neighbours (see adapters.per_row); None: the
+        active one."""
         soft = any(s.targets.dim() == 2 for s in seqs)  # K targets per position somewhere
-        plan = prefixes.plan(seqs) if self.share_prefix and not soft else None
+        plan = prefixes.plan(seqs, row_adapters) if self.share_prefix and not soft else None
         if plan is not None:
             pad_id = self.tokenizer.pad_token_id
-            logits = prefixes.forward(self.model, seqs, plan, pad_id, self.device)
+            logits = prefixes.forward(self.model, seqs, plan, pad_id, self.device, row_adapters)
             return prefixes.row_logprobs(seqs, plan, logits, entropy)
         tokens, targets, mask = (t.to(self.device) for t in pad(seqs, self.tokenizer.pad_token_id))
-        logits = self.model(input_ids=tokens, attention_mask=mask).logits
+        with adapters.per_row(self.model, row_adapters):
+            logits = self.model(input_ids=tokens, attention_mask=mask).logits
         per_token = target_logprobs(logits, targets, torch.tensor([s.length for s in seqs]))
         if entropy is not None:
             h = prefixes.token_entropy(torch.log_softmax(logits.float(), dim=-1))
@@ -366,46 +440,7 @@ class Learner:
         """The loss of every datum (and its gradients, with `backward`), each process working
         on its block of the datums (every datum is checked by every process, so a bad one is
         the same error everywhere); the outputs are everyone's, in order, the loss their sum."""
-        spec = get_loss(loss_fn)
-        config = spec.resolve_config(loss_fn, loss_fn_config)
-        seqs = to_rows(datums, spec, loss_fn, self.vocab_size, config, self.context)
-        if backward:
-            self.pending_datums += len(seqs)
-        start, stop = self.processes.split([s.length for s in seqs])
-        seqs = seqs[start:stop]
-        self.local_counts["forward_tokens"] += sum(s.length for s in seqs)
-        outputs: list[dict[str, TensorData]] = [{} for _ in seqs]
-        total = 0.0
-        self._activate()
-        self.model.train(backward)
-        for group in microbatches(seqs, self.tokens_per_microbatch) if seqs else []:
-            with torch.set_grad_enabled(backward):
-                entropy = [] if spec.needs_entropy(config) else None
-                logprobs = self._logprobs([seqs[i] for i in group], entropy)
-                losses = []
-                for j, (i, lp) in enumerate(zip(group, logprobs, strict=True)):
-                    inputs = {k: v.to(self.device) for k, v in seqs[i].inputs.items()}
-                    if entropy is not None:
-                        inputs["entropy"] = entropy[j]
-                    elementwise = spec.fn(lp, inputs, **config)
-                    losses.append(elementwise.sum())
-                    outputs[i] = {
-                        "logprobs": TensorData.from_torch(lp.float()),
-                        "elementwise_loss": TensorData.from_torch(elementwise.float()),
-                    }
-                loss = torch.stack(losses).sum()
-            if backward:
-                loss.backward()
-            total += float(loss.detach())
-        if self.processes.world_size > 1:
-            blocks = self.processes.all_gather((outputs, total), "forward results")
-            outputs = [o for block, _ in blocks for o in block]
-            total = blocks[0][1]
-            for _, other in blocks[1:]:
-                total += other
-        return ForwardBackwardOutput(
-            loss_fn_output_type=loss_fn, loss_fn_outputs=outputs, metrics={"loss:sum": total}
-        )
+        return _unpack(forward_together([(self, datums, loss_fn, loss_fn_config, backward)])[0])
 
     def optim_step(self, adam: AdamParams) -> OptimStepResponse:
         if self.pending_datums == 0:  # the whole batch's count: the same in every process
@@ -598,6 +633,115 @@ class Learner:
         result = set_peft_model_state_dict(self.model, weights, adapter_name=self.adapter_name)
         if result.unexpected_keys:
             raise RlkitError(f"checkpoint {path} has unexpected tensors {result.unexpected_keys}")
+
+
+def forward_together(calls: list[tuple]) -> list:
+    """`Learner.forward` for each of `calls` (learner, datums, loss_fn, loss_fn_config,
+    backward), learners on one base: one result or exception per call. Where the adapters
+    allow (`adapters.can_batch`, one process, one target per position), the calls' rows run
+    as one pass (microbatches of their budgets' sum), each row through its own learner's
+    adapter, each call's loss its own; else the calls run one after another. Batched, a
+    call's results equal its own pass's to float rounding (other shapes, other sums)."""
+    results: list = [None] * len(calls)
+    ready = []  # (call index, learner, loss spec, its config, its rows)
+    for i, (learner, datums, loss_fn, loss_fn_config, backward) in enumerate(calls):
+        try:
+            spec = get_loss(loss_fn)
+            config = spec.resolve_config(loss_fn, loss_fn_config)
+            seqs = to_rows(datums, spec, loss_fn, learner.vocab_size, config, learner.context)
+        except Exception as exc:
+            if len(calls) == 1:
+                raise
+            results[i] = exc
+            continue
+        if backward:
+            learner.pending_datums += len(seqs)
+        start, stop = learner.processes.split([s.length for s in seqs])
+        seqs = seqs[start:stop]
+        learner.local_counts["forward_tokens"] += sum(s.length for s in seqs)
+        ready.append((i, learner, spec, config, seqs))
+    if not ready:
+        return results
+    learners = [learner for _, learner, *_ in ready]
+    model = learners[0].model
+    together = (
+        len(ready) > 1
+        and all(learner.processes.world_size == 1 for learner in learners)
+        and not any(s.targets.dim() == 2 for *_, seqs in ready for s in seqs)
+        and adapters.can_batch(model, [learner.adapter_name for learner in learners])
+    )
+    backward = calls[ready[0][0]][4]
+    for part in [ready] if together else [[one] for one in ready]:
+        for (i, learner, _, _, _), (outputs, total) in zip(
+            part, _forward_rows(part, backward, together), strict=True
+        ):
+            if learner.processes.world_size > 1:
+                blocks = learner.processes.all_gather((outputs, total), "forward results")
+                outputs = [o for block, _ in blocks for o in block]
+                total = blocks[0][1]
+                for _, other in blocks[1:]:
+                    total += other
+            results[i] = ForwardBackwardOutput(
+                loss_fn_output_type=calls[i][2],
+                loss_fn_outputs=outputs,
+                metrics={"loss:sum": total},
+            )
+    return results
+
+
+def _forward_rows(part: list[tuple], backward: bool, per_row: bool) -> list[tuple]:
+    """The passes of `part`'s rows (one learner's, or several learners' with `per_row`
+    adapters), microbatch by microbatch: each learner's (outputs, loss sum)."""
+    learners = [learner for _, learner, *_ in part]
+    first = learners[0]
+    rows = [(j, seq) for j, (*_, seqs) in enumerate(part) for seq in seqs]
+    seqs = [seq for _, seq in rows]
+    names = [learners[j].adapter_name for j, _ in rows] if per_row else None
+    outputs: list[list[dict[str, TensorData]]] = [[{} for _ in p[4]] for p in part]
+    totals = [0.0] * len(part)
+    offsets = list(itertools.accumulate([0, *(len(p[4]) for p in part)]))
+    budget = sum(learner.tokens_per_microbatch for learner in learners)
+    first._activate()
+    first.model.train(backward)
+    params = [p for learner in learners[1:] for p in learner.params.values()]
+    trains = [p.requires_grad for p in params]
+    for p in params:  # every learner's adapter trains in this pass
+        p.requires_grad_(True)
+    try:
+        for group in microbatches(seqs, budget) if seqs else []:
+            with torch.set_grad_enabled(backward):
+                needs = any(spec.needs_entropy(config) for _, _, spec, config, _ in part)
+                entropy = [] if needs else None
+                logprobs = first._logprobs(
+                    [seqs[r] for r in group], entropy, names and [names[r] for r in group]
+                )
+                losses: list[list[torch.Tensor]] = [[] for _ in part]
+                for k, (r, lp) in enumerate(zip(group, logprobs, strict=True)):
+                    j, seq = rows[r]
+                    _, learner, spec, config, _ = part[j]
+                    inputs = {key: v.to(learner.device) for key, v in seq.inputs.items()}
+                    if entropy is not None:
+                        inputs["entropy"] = entropy[k]
+                    elementwise = spec.fn(lp, inputs, **config)
+                    losses[j].append(elementwise.sum())
+                    outputs[j][r - offsets[j]] = {
+                        "logprobs": TensorData.from_torch(lp.float()),
+                        "elementwise_loss": TensorData.from_torch(elementwise.float()),
+                    }
+                sums = {j: torch.stack(ls).sum() for j, ls in enumerate(losses) if ls}
+                loss = (
+                    next(iter(sums.values()))
+                    if len(sums) == 1
+                    else torch.stack([*sums.values()]).sum()
+                )
+            if backward:
+                loss.backward()
+            for j, value in sums.items():
+                totals[j] += float(value.detach())
+    finally:
+        for p, flag in zip(params, trains, strict=True):
+            p.requires_grad_(flag)
+    return list(zip(outputs, totals, strict=True))
 
 
 def _engine_for(settings: EngineSettings, quant: QuantSpec) -> EngineSettings:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlkit.backend.adapters import per_row as per_row_adapters
 from rlkit.backend.batching import TokenRow, pad
 from rlkit.backend.logprobs import target_logprobs
 
@@ -64,19 +65,27 @@ def _common(a: list[int], b: list[int]) -> int:
     return n
 
 
-def plan(seqs: list[TokenRow]) -> PrefixPlan | None:
+def plan(seqs: list[TokenRow], owners: list | None = None) -> PrefixPlan | None:
     """The cheapest split of `seqs` into clusters with a shared prefix, or None when sharing
     would not save work. Rows are sorted by their tokens, so rows with a common beginning are
     neighbours; a cluster is a run of neighbours whose common prefix is at least some length t,
     for the t (among the neighbours' common-prefix lengths) that leaves the fewest tokens to
-    run: clusters x prefix, plus rows x longest remainder (padding included)."""
+    run: clusters x prefix, plus rows x longest remainder (padding included).
+
+    `owners` (one per row, in non-decreasing order: rows of several adapters in one pass, see
+    `forward`): rows of different owners never share a cluster, and every pass lists its rows
+    owner by owner."""
     lengths = [s.length for s in seqs]
     if len(seqs) < 2 or min(lengths) < 2:
         return None
     tokens = [s.tokens.tolist() for s in seqs]
-    order = sorted(range(len(seqs)), key=lambda i: tokens[i])
-    # Common prefix of each row with the one before it in sorted order.
-    shared = [0] + [_common(tokens[a], tokens[b]) for a, b in zip(order, order[1:], strict=False)]
+    owners = owners or [0] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: (owners[i], tokens[i]))
+    # Common prefix of each row with the one before it in sorted order (none across owners).
+    shared = [0] + [
+        _common(tokens[a], tokens[b]) if owners[a] == owners[b] else 0
+        for a, b in zip(order, order[1:], strict=False)
+    ]
     # Every row keeps at least one token of its own (its first target is read off the shared
     # pass otherwise).
     longest_allowed = min(lengths) - 1
@@ -125,25 +134,36 @@ def buckets(lengths: list[int]) -> list[list[int]]:
     return out
 
 
-def forward(model, seqs: list[TokenRow], plan: PrefixPlan, pad_id: int, device) -> tuple:
+def forward(
+    model, seqs: list[TokenRow], plan: PrefixPlan, pad_id: int, device, adapters=None
+) -> tuple:
     """The clusters' prefix logits (C, P, V), and per bucket of `plan.buckets` its rows' own
-    tokens' logits after the prefix (rows, S, V, right-padded; positions continue after it)."""
+    tokens' logits after the prefix (rows, S, V, right-padded; positions continue after it).
+    `adapters`: each row's adapter (the plan's owners; see rlkit.backend.adapters.per_row)."""
+
+    def per_row(rows):
+        return per_row_adapters(model, None if adapters is None else [adapters[r] for r in rows])
+
     n = plan.length
     prefix_ids = torch.stack([seqs[row].tokens[:n] for row in plan.members]).to(device)
-    shared = model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), use_cache=True)
+    with per_row(plan.members):
+        shared = model(
+            input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), use_cache=True
+        )
     own = []
     for bucket in plan.buckets:
         ids, _, own_mask = pad(_after(seqs, bucket, n), pad_id)
         mask = torch.cat([torch.ones((len(bucket), n), dtype=torch.long), own_mask], dim=1)
         positions = (n + torch.arange(ids.shape[1]))[None, :].expand(len(bucket), -1)
         cache = _select(shared.past_key_values, [plan.cluster[r] for r in bucket], device)
-        out = model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            past_key_values=cache,
-            use_cache=True,
-        )
+        with per_row(bucket):
+            out = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                past_key_values=cache,
+                use_cache=True,
+            )
         own.append(out.logits)
     return shared.logits, own
 

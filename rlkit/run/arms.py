@@ -8,6 +8,14 @@ each arm's run its own adapter, optimizer, seed, outputs and checkpoints, in a t
 own. The arms' calls take turns on the model, each with its own adapter, so every arm gets the
 bits it gets when run alone (`python -m rlkit.repro compare` on the two run dirs).
 
+`hydra.launcher.batch=true`: the arms' forward / forward_backward calls run as one pass instead,
+each row through its own arm's adapter (rlkit.backend.adapters.per_row), once every arm waits on
+one. Each arm then equals its run alone to float rounding, and every rerun of the sweep gets the
+same bits (which calls meet in a pass depends on the arms' own sequences of calls, not on
+timing). A resumed batched sweep goes on from each arm's checkpoint; where the arms stopped at
+different steps, its passes pair other steps than the uninterrupted sweep's: to rounding, not
+bitwise, the same.
+
 Arms may differ in anything an adapter can: optimizer, loss, rewards, seed, adapter rank and
 alpha, steps, ... They may not differ in what the shared model and engine are (`model.*`,
 `engine.*`, `determinism.*`): such a sweep is refused before anything runs, naming the key.
@@ -44,6 +52,12 @@ def check_arms(arms: int) -> int:
             f"hydra.launcher.arms must be a whole number >= 1 (arms trained at once), got {arms!r}"
         )
     return arms
+
+
+def check_batch(batch: bool) -> bool:
+    if not isinstance(batch, bool):
+        raise SweepError(f"hydra.launcher.batch must be true or false, got {batch!r}")
+    return batch
 
 
 def check_shared(configs: list[DictConfig], names: list[str]) -> None:
@@ -88,9 +102,10 @@ class Job:
     summary: Any = None
 
 
-def train_arms(jobs: list[Job], arms: int, train: Callable) -> None:
+def train_arms(jobs: list[Job], arms: int, train: Callable, batch: bool = False) -> None:
     """Run the jobs `arms` at a time, each group as adapters on one base, each job as
     `train(cfg, run_dir, arm)` (rlkit.rl.loop.train); every job's `outcome` says how it ended.
+    `batch`: the group's forward_backward calls run as one pass (else they take turns).
     Ctrl-C / SIGTERM: every running arm checkpoints and stops, and no further group starts."""
     from rlkit.run.checkpoint import STOP, stop_on_signals
 
@@ -99,12 +114,12 @@ def train_arms(jobs: list[Job], arms: int, train: Callable) -> None:
         for start in range(0, len(jobs), arms):
             if STOP.requested:
                 return
-            _train_group(jobs[start : start + arms], arms, train)
+            _train_group(jobs[start : start + arms], arms, train, batch)
 
     run_all()
 
 
-def _train_group(group: list[Job], arms: int, train: Callable) -> None:
+def _train_group(group: list[Job], arms: int, train: Callable, batch: bool) -> None:
     import rlkit
     from rlkit.run.session import Arm
 
@@ -115,7 +130,7 @@ def _train_group(group: list[Job], arms: int, train: Callable) -> None:
     threads = []
     for job in group:
         index = int(job.run_dir.name) if job.run_dir.name.isdigit() else len(threads)
-        arm = Arm(index, arms, service, display)
+        arm = Arm(index, arms, service, display, batch)
         threads.append(
             threading.Thread(
                 target=service.in_turn,
@@ -130,6 +145,7 @@ def _train_group(group: list[Job], arms: int, train: Callable) -> None:
         service.serve_calls_here(
             until=lambda: not any(t.is_alive() for t in threads),
             start=lambda: [t.start() for t in threads],
+            parties=threads if batch else None,
         )
 
 

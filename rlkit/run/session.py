@@ -55,9 +55,11 @@ class Arm:
     service: rlkit.ServiceClient
     # The sweep's one progress display (one task per arm and phase).
     display: Progress
+    # The arms' forward_backward calls run as one pass (their bits depend on each other's).
+    batch: bool = False
 
     def manifest(self) -> dict:
-        return {"launcher": "adapters", "arms": self.arms, "arm": self.index}
+        return {"launcher": "adapters", "arms": self.arms, "arm": self.index, "batch": self.batch}
 
 
 @dataclass

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
 import rlkit
 from rlkit.api import types
 from rlkit.api.errors import InvalidDatumError, NoGradientsError, RlkitError
+from rlkit.backend import learner as learner_module
 from rlkit.backend.learner import STATE_FILE, read_state
 from tests.helpers import (
     adapter_tensors,
@@ -539,3 +541,57 @@ def test_soft_targets_need_matching_inputs_and_a_loss_that_takes_them(
     )
     with pytest.raises(InvalidDatumError, match=message):
         trainer.forward_backward([datum], loss).result()
+
+
+def test_party_clients_forward_backward_runs_as_one_pass(tmp_path, alone, monkeypatch):
+    """`serve_calls_here(parties=...)`: the LoRA clients' forward_backward calls run as one
+    pass, each row through its own adapter (one of rank 8 on every layer, one of rank 4 on
+    attention only): each client's results are its own to float rounding, and the same bits
+    in every run."""
+    passes = []
+    forward_rows = learner_module._forward_rows
+
+    def spy(part, backward, per_row):
+        passes.append((len(part), per_row))
+        return forward_rows(part, backward, per_row)
+
+    monkeypatch.setattr(learner_module, "_forward_rows", spy)
+    arms = ARMS[:2]
+
+    def sweep(name):
+        service = rlkit.ServiceClient(device="cpu", dtype="float32", checkpoint_dir=tmp_path / name)
+        results: dict[int, object] = {}
+
+        def work(i):
+            trainer = client(service, arms[i])
+            results[i] = (run_steps(trainer, arms[i]), saved_files(trainer, "end"))
+
+        threads = [threading.Thread(target=service.in_turn, args=(work, i)) for i in range(2)]
+        service.serve_calls_here(
+            until=lambda: not any(t.is_alive() for t in threads),
+            start=lambda: [t.start() for t in threads],
+            parties=threads,
+        )
+        return results
+
+    first = sweep("first")
+    assert passes == [(2, True)] * 3  # three steps, each one pass for both clients
+    again = sweep("again")
+    for i in range(2):
+        assert_same(first[i][0], again[i][0])
+        assert first[i][1] == again[i][1]
+        for got, want in zip(first[i][0], alone[i][0], strict=True):
+            if isinstance(got[0], torch.Tensor):  # forward_backward's logprobs
+                for g, w in zip(got, want, strict=True):
+                    torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+            else:  # samples: the same tokens, logprobs to rounding
+                for (tokens, lps), (want_tokens, want_lps) in zip(got, want, strict=True):
+                    assert tokens == want_tokens
+                    torch.testing.assert_close(
+                        torch.tensor(lps), torch.tensor(want_lps), atol=1e-5, rtol=1e-5
+                    )
+        weights = load_safetensors(first[i][1]["adapter_model.safetensors"])
+        want = load_safetensors(alone[i][1]["adapter_model.safetensors"])
+        assert weights.keys() == want.keys()
+        for key in weights:
+            torch.testing.assert_close(weights[key], want[key], atol=1e-5, rtol=1e-4)

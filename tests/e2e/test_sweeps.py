@@ -1,12 +1,14 @@
 """Sweeps (`python -m rlkit -m ...`), end to end: the summary table and plot; and
 `hydra/launcher=adapters`, a sweep's arms trained together as adapters on one base model, each
-bitwise what it is under Hydra's basic launcher; refused sweeps; stop and resume."""
+bitwise what it is under Hydra's basic launcher (batched into one pass: to rounding, and the
+same bits in every rerun); refused sweeps; stop and resume."""
 
 import json
 
 import pytest
 
 from rlkit.run import compare
+from rlkit.run.outputs import read_jsonl
 from tests.e2e.runs import FAST, cli
 
 # Subprocess runs of `python -m rlkit -m`.
@@ -70,17 +72,29 @@ def resume_matches(tmp_path, sweep, reference) -> None:
         assert bitwise(sweep / arm, reference / arm), arm
 
 
+@pytest.fixture(scope="module")
+def basic(tmp_path_factory):
+    """The sweep under Hydra's basic launcher: each arm run alone."""
+    root = tmp_path_factory.mktemp("basic")
+    cli([*SWEEP, f"hydra.sweep.dir={root / 'sweep'}"], cwd=root)
+    return root / "sweep"
+
+
 @pytest.mark.slow
-def test_arms_as_adapters_equal_the_basic_launchers_runs_bitwise(tmp_path, reference):
+def test_arms_as_adapters_equal_the_basic_launchers_runs_bitwise(tmp_path, reference, basic):
     adapters, proc = reference
-    again, basic = tmp_path / "again", tmp_path / "basic"
+    again = tmp_path / "again"
     cli([*SWEEP, *ADAPTERS, f"hydra.sweep.dir={again}"], cwd=tmp_path)
-    cli([*SWEEP, f"hydra.sweep.dir={basic}"], cwd=tmp_path)
     for arm in ARMS:
         assert bitwise(adapters / arm, basic / arm), arm  # as if each ran alone
         assert bitwise(adapters / arm, again / arm), arm  # and again, the same bits
         manifest = json.loads((adapters / arm / "manifest.json").read_text())
-        assert manifest["sweep"] == {"launcher": "adapters", "arms": 2, "arm": int(arm)}
+        assert manifest["sweep"] == {
+            "launcher": "adapters",
+            "arms": 2,
+            "arm": int(arm),
+            "batch": False,
+        }
         assert (adapters / arm / "adapter" / "adapter_model.safetensors").is_file()
         assert (adapters / arm / ".hydra" / "overrides.yaml").is_file()
     # The arms differ (seeds): not one run written twice.
@@ -88,6 +102,65 @@ def test_arms_as_adapters_equal_the_basic_launchers_runs_bitwise(tmp_path, refer
     assert (adapters / "sweep_summary.md").read_text().count("seed=") == 2
     assert (adapters / "sweep_curves.png").stat().st_size > 1000
     assert "sweep summary" in proc.stderr
+
+
+# Metrics that time the run, not what it computed.
+TIMINGS = ("seconds", "/s", "time")
+BATCHED = [*SWEEP, *ADAPTERS, "hydra.launcher.batch=true"]
+
+
+def assert_close_runs(a, b) -> None:
+    """The same steps and metrics, each float to rounding (timings aside)."""
+    got, want = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for key, value in w.items():
+            if isinstance(value, float) and not any(t in key for t in TIMINGS):
+                assert g[key] == pytest.approx(value, rel=1e-3, abs=1e-5), (a, key)
+            elif not isinstance(value, float):
+                assert g[key] == value, (a, key)
+
+
+@pytest.fixture(scope="module")
+def batched(tmp_path_factory):
+    """The sweep with its arms' forward_backward calls batched, uninterrupted."""
+    root = tmp_path_factory.mktemp("batched")
+    cli([*BATCHED, f"hydra.sweep.dir={root / 'sweep'}"], cwd=root)
+    return root / "sweep"
+
+
+@pytest.mark.slow
+def test_batched_arms_are_their_runs_to_rounding_and_the_same_bits_every_time(
+    tmp_path, basic, batched
+):
+    """hydra.launcher.batch=true: the arms' forward_backward calls run as one pass, each row
+    through its arm's adapter: every arm's metrics are its basic run's to float rounding, and
+    a rerun of the batched sweep gets the same bits."""
+    again = tmp_path / "again"
+    cli([*BATCHED, f"hydra.sweep.dir={again}"], cwd=tmp_path)
+    # Shared passes, other sums: not every arm the same bits as alone.
+    assert not all(bitwise(batched / arm, basic / arm) for arm in ARMS)
+    for arm in ARMS:
+        assert bitwise(batched / arm, again / arm), arm
+        manifest = json.loads((batched / arm / "manifest.json").read_text())
+        assert manifest["sweep"]["batch"] is True
+        assert_close_runs(batched / arm, basic / arm)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_batched_sweep_resumes_every_arm(tmp_path, batched):
+    sweep = tmp_path / "sweep"
+    killed = cli(
+        [*BATCHED, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        extra_env={"RLKIT_FAULT": "kill-in-checkpoint:2"},
+        check=False,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    cli([*BATCHED, f"hydra.sweep.dir={sweep}", "resume=auto"], cwd=tmp_path)
+    for arm in ARMS:  # each arm from its own checkpoint: to rounding the uninterrupted sweep
+        assert_close_runs(sweep / arm, batched / arm)
 
 
 @pytest.mark.slow
@@ -150,3 +223,10 @@ def test_fewer_than_one_arm_at_a_time_is_refused(tmp_path):
     )
     assert proc.returncode == 1
     assert "hydra.launcher.arms must be a whole number >= 1" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_a_batch_switch_that_is_not_a_boolean_is_refused(tmp_path):
+    proc = cli([*SWEEP, *ADAPTERS, "hydra.launcher.batch=sometimes"], cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "hydra.launcher.batch" in proc.stderr and "sometimes" in proc.stderr, proc.stderr
