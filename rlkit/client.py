@@ -60,7 +60,14 @@ from rlkit.backend import distributed, models
 from rlkit.backend.engines.base import Request
 from rlkit.backend.engines.probe import Snapshot
 from rlkit.backend.engines.registry import EngineSettings
-from rlkit.backend.learner import BasePool, Learner, MainThread, forward_together, read_state
+from rlkit.backend.learner import (
+    BasePool,
+    Learner,
+    MainThread,
+    forward_together,
+    read_state,
+    sample_together,
+)
 
 __all__ = [
     "APIFuture",
@@ -276,7 +283,10 @@ class _Worker:
         try:
             batch = [(key, snap, req) for key, snap, req, _, _ in queued]
             # The engine lock is the sampler's to take: not held while processes exchange.
-            results = self.learner.shared.run(self.learner.sample, batch, self._engine_lock)
+            learner = self.learner
+            results = learner.shared.run_together(
+                ("sample",), sample_together, (learner, batch, self._engine_lock)
+            )
         except Exception as exc:
             for *_, future in queued:
                 future.set_exception(exc)

@@ -78,7 +78,8 @@ class MainThread:
         # turn it is gives it up while it waits for a call.
         self._turn = threading.Lock()
         self._holder: threading.Thread | None = None
-        self._rank = {thread: i for i, thread in enumerate(parties or [])}
+        self.parties = list(parties or [])
+        self._rank = {thread: i for i, thread in enumerate(self.parties)}
         self._finished: set[threading.Thread] = set()
 
     def in_turn(self, fn, *args):
@@ -223,6 +224,15 @@ class SharedBase:
         runner = self.pool.runner if self.pool is not None else None
         return fn(*args) if runner is None else runner.call(fn, *args)
 
+    def batches(self) -> bool:
+        """Whether calls on this base are batched across its clients (MainThread parties)."""
+        runner = self.pool.runner if self.pool is not None else None
+        return runner is not None and bool(runner.parties)
+
+    def parties(self) -> int:
+        """How many clients' calls on this base batch together (1: none batch)."""
+        return len(self.pool.runner.parties) if self.batches() else 1
+
     def run_together(self, key, many, item):
         """`many([item])[0]` where this base's work runs, batched with other clients' calls of
         the same `key` on this base where the serving thread batches (`MainThread` parties)."""
@@ -341,7 +351,15 @@ class Learner:
         row's adapter, rows of one adapter neighbours (see adapters.per_row); None: the
         active one."""
         soft = any(s.targets.dim() == 2 for s in seqs)  # K targets per position somewhere
-        plan = prefixes.plan(seqs, row_adapters) if self.share_prefix and not soft else None
+        # Rows of one adapter never share a prefix; owners numbered in the rows' order (not by
+        # adapter name, which depends on which client came first).
+        order: dict[str, int] = {}
+        owners = (
+            None
+            if row_adapters is None
+            else [order.setdefault(a, len(order)) for a in row_adapters]
+        )
+        plan = prefixes.plan(seqs, owners) if self.share_prefix and not soft else None
         if plan is not None:
             pad_id = self.tokenizer.pad_token_id
             logits = prefixes.forward(self.model, seqs, plan, pad_id, self.device, row_adapters)
@@ -687,6 +705,54 @@ def forward_together(calls: list[tuple]) -> list:
                 metrics={"loss:sum": total},
             )
     return results
+
+
+def sample_together(items: list[tuple]) -> list:
+    """`Learner.sample(batch, lock)` for each of `items` (learner, batch, lock), learners on
+    one base: one result or exception per item. Where their engines decode together
+    (`batches_with`: the hf engine's per-row adapters) and each batch is of one snapshot, the
+    learners' requests run as one engine call, each row through its learner's adapter; else
+    one learner after another."""
+    if len(items) == 1:
+        learner, batch, lock = items[0]
+        return [learner.sample(batch, lock)]
+    learners = [learner for learner, _, _ in items]
+    engines = [learner._engine() for learner in learners]
+    together = all(
+        learner.processes.world_size == 1
+        and getattr(engines[0], "batches_with", lambda _: False)(engine)
+        and len({key for key, _, _ in batch}) == 1
+        for learner, engine, (_, batch, _) in zip(learners, engines, items, strict=True)
+    )
+    if not together:
+        return [_attempt(learner.sample, batch, lock) for learner, batch, lock in items]
+    results: list = [None] * len(items)
+    parts, ready = [], []
+    with items[0][2] or contextlib.nullcontext():  # the base's engine lock, shared by all
+        for i, (learner, batch, _) in enumerate(items):
+            key, snapshot, _ = batch[0]
+            try:
+                learner.sync(key, snapshot)
+            except Exception as exc:
+                results[i] = exc
+                continue
+            parts.append((engines[i], [request for _, _, request in batch]))
+            ready.append(i)
+        if parts:
+            out = engines[ready[0]].sample_together(parts)
+            for i, sequences in zip(ready, out, strict=True):
+                results[i] = sequences
+                learners[i].local_counts["sampled_tokens"] += sum(
+                    len(s.tokens) for r in sequences for s in r
+                )
+    return results
+
+
+def _attempt(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return exc
 
 
 def _forward_rows(part: list[tuple], backward: bool, per_row: bool) -> list[tuple]:

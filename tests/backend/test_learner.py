@@ -21,6 +21,7 @@ import rlkit
 from rlkit.api import types
 from rlkit.api.errors import InvalidDatumError, NoGradientsError, RlkitError
 from rlkit.backend import learner as learner_module
+from rlkit.backend.engines import hf as hf_engine
 from rlkit.backend.learner import STATE_FILE, read_state
 from tests.helpers import (
     adapter_tensors,
@@ -545,17 +546,23 @@ def test_soft_targets_need_matching_inputs_and_a_loss_that_takes_them(
 
 def test_party_clients_forward_backward_runs_as_one_pass(tmp_path, alone, monkeypatch):
     """`serve_calls_here(parties=...)`: the LoRA clients' forward_backward calls run as one
-    pass, each row through its own adapter (one of rank 8 on every layer, one of rank 4 on
+    pass, and their samples as one decode, each row through its own adapter (one of rank 8 on every layer, one of rank 4 on
     attention only): each client's results are its own to float rounding, and the same bits
     in every run."""
-    passes = []
+    passes, decodes = [], []
     forward_rows = learner_module._forward_rows
+    sample_batch = hf_engine.sample_batch
 
     def spy(part, backward, per_row):
         passes.append((len(part), per_row))
         return forward_rows(part, backward, per_row)
 
+    def spy_sample(model, tokenizer, requests, adapters=None):
+        decodes.append(adapters)
+        return sample_batch(model, tokenizer, requests, adapters)
+
     monkeypatch.setattr(learner_module, "_forward_rows", spy)
+    monkeypatch.setattr(hf_engine, "sample_batch", spy_sample)
     arms = ARMS[:2]
 
     def sweep(name):
@@ -576,6 +583,8 @@ def test_party_clients_forward_backward_runs_as_one_pass(tmp_path, alone, monkey
 
     first = sweep("first")
     assert passes == [(2, True)] * 3  # three steps, each one pass for both clients
+    # and each step's samples one decode, each client's rows through its adapter
+    assert [sorted(set(names)) for names in decodes] == [["adapter_1", "default"]] * 3
     again = sweep("again")
     for i in range(2):
         assert_same(first[i][0], again[i][0])

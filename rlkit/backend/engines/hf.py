@@ -33,6 +33,7 @@ from peft.utils.integrations import dequantize_module_weight
 
 from rlkit.api.types import SampledSequence, SamplingParams
 from rlkit.backend import adapters, models
+from rlkit.backend.adapters import per_row as per_row_adapters
 from rlkit.backend.engines.base import Request, repeat_greedy, stop_criteria
 
 
@@ -121,6 +122,54 @@ class SamplingModel:
             for layer in self._layers.values():
                 layer.merge()
         self.loaded_key = key
+
+
+class RowsModel:
+    """A frozen copy of a peft model with every learner's adapter on the base, unmerged, on the
+    training model's own frozen weights (only the adapters are copied): each row of a batch
+    decodes through its own learner's adapter (`adapters.per_row`), so the samples of several
+    learners on one base run as one batch. Each adapter serves one snapshot at a time."""
+
+    def __init__(self, peft_model) -> None:
+        frozen = {id(p): p for n, p in peft_model.named_parameters() if ".lora_" not in n}
+        self.model = copy.deepcopy(peft_model, frozen).eval()
+        self._index()
+        self.loaded: dict[str, object] = {}  # adapter -> the key of the snapshot it serves
+
+    def _index(self) -> None:
+        self.model.requires_grad_(False)
+        self._params = dict(self.model.named_parameters())
+        for p in self._params.values():
+            p.grad = None
+
+    @classmethod
+    def shared(cls, learner) -> RowsModel:
+        """The copy every learner on `learner`'s base samples from, with `learner`'s adapter."""
+        engines = learner.shared.engines
+        if "hf-rows" not in engines:
+            engines["hf-rows"] = cls(learner.model)
+        rows = engines["hf-rows"]
+        if learner.adapter_name not in rows.model.peft_config:
+            adapters.add(rows.model, learner.spec, learner.adapter_name)
+            rows._index()
+        return rows
+
+    @torch.no_grad()
+    def load(self, adapter: str, key, snapshot: dict[str, torch.Tensor]) -> None:
+        if self.loaded.get(adapter) == key:
+            return
+        self.loaded.pop(adapter, None)  # stays unset if anything below fails
+        for name, tensor in snapshot.items():
+            self._params[name].copy_(tensor)
+        self.loaded[adapter] = key
+
+    def remove(self, adapter: str) -> None:
+        self.loaded.pop(adapter, None)
+        if adapter in self.model.peft_config and len(self.model.peft_config) > 1:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*which is now deleted")
+                self.model.delete_adapter(adapter)
+            self._index()
 
 
 def _cache_dora_scales(model) -> list[DoraLinearLayer]:
@@ -298,11 +347,18 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_batch(model, tokenizer, requests: list[Request]) -> list[list[SampledSequence]]:
+def sample_batch(
+    model, tokenizer, requests: list[Request], adapters: list[str] | None = None
+) -> list[list[SampledSequence]]:
     """Every completion of every request, decoded together: one forward pass per token for the
     whole batch (finished rows leave it). Row j of a request draws from its own generator,
-    seeded by `row_seed(request.seed, j)`, so a request's draws do not depend on its batch."""
+    seeded by `row_seed(request.seed, j)`, so a request's draws do not depend on its batch.
+    `adapters`: each request's adapter (a RowsModel's; one adapter's requests neighbours)."""
     device = next(model.parameters()).device
+
+    def per_row(rows: list[int]):
+        return per_row_adapters(model, None if adapters is None else [adapters[r] for r in rows])
+
     rows: list[_Row] = []
     for i, r in enumerate(requests):
         stop_ids, stop_strings = stop_criteria(r.params, tokenizer.eos_token_id)
@@ -323,7 +379,8 @@ def sample_batch(model, tokenizer, requests: list[Request]) -> list[list[Sampled
         mask[i, width - len(r.prompt) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    with per_row(list(range(len(requests)))):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     index = torch.tensor([row.request for row in rows], device=device)
     cache, logits = out.past_key_values, out.logits[index, -1]
     cache.batch_select_indices(index)
@@ -350,13 +407,14 @@ def sample_batch(model, tokenizer, requests: list[Request]) -> list[list[Sampled
             live = [live[b] for b in keep]
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
         position = position + 1
-        out = model(
-            input_ids=torch.tensor(chosen, device=device)[:, None],
-            attention_mask=mask,
-            position_ids=position[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        )
+        with per_row([rows[k].request for k in live]):
+            out = model(
+                input_ids=torch.tensor(chosen, device=device)[:, None],
+                attention_mask=mask,
+                position_ids=position[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
         cache, logits = out.past_key_values, out.logits[:, -1]
 
     results: list[list[SampledSequence]] = [[] for _ in requests]
@@ -392,6 +450,10 @@ class HFEngine:
     @classmethod
     def build(cls, learner, options: Options | None = None) -> HFEngine:
         options = options or cls.Options()
+        if learner.shared.batches() and adapters.can_batch(learner.model, [learner.adapter_name]):
+            # Its samples batched with the other learners' on the base: per-row adapters.
+            rows = RowsModel.shared(learner)
+            return cls(learner.model, learner.tokenizer, False, options.batch_rows, rows=rows)
         merge = not learner.quant.enabled  # unmerged: a copy of the adapters only, its own
         return cls(
             learner.model,
@@ -409,42 +471,75 @@ class HFEngine:
         batch_rows: int = 256,
         *,
         sampler: SamplingModel | None = None,
+        rows: RowsModel | None = None,
     ) -> None:
-        """Serves `peft_model`'s active adapter, from a copy of its own or from `sampler` (the
-        base's shared merged copy)."""
-        self._sampler = sampler or SamplingModel(peft_model, merge)
+        """Serves `peft_model`'s active adapter, from a copy of its own, from `sampler` (the
+        base's shared merged copy) or from `rows` (the base's copy with every learner's adapter
+        unmerged, whose samples batch together: `sample_together`)."""
+        self._rows = rows
+        self._sampler = None if rows is not None else sampler or SamplingModel(peft_model, merge)
+        self.model = rows.model if rows is not None else self._sampler.model
         self.tokenizer = tokenizer
         self.batch_rows = batch_rows
         self.adapter = peft_model.active_adapter
 
     @property
     def loaded_key(self) -> int | None:
+        if self._rows is not None:
+            return self._rows.loaded.get(self.adapter)
         loaded = self._sampler.loaded_key
         return loaded[1] if loaded is not None and loaded[0] == self.adapter else None
 
     def load(self, key: int, snapshot: dict[str, torch.Tensor]) -> None:
-        self._sampler.load((self.adapter, key), snapshot, self.adapter)
+        if self._rows is not None:
+            self._rows.load(self.adapter, key, snapshot)
+        else:
+            self._sampler.load((self.adapter, key), snapshot, self.adapter)
 
     def close(self) -> None:
         """This learner is gone: its adapter leaves the shared copy."""
-        self._sampler.remove(self.adapter)
+        (self._rows or self._sampler).remove(self.adapter)
+
+    def _own_rows(self, n: int) -> list[str] | None:
+        return None if self._rows is None else [self.adapter] * n
 
     def sample(self, requests: list[Request]) -> list[list[SampledSequence]]:
         # All queued requests in one decode loop, `batch_rows` completions at a time; each
         # completion's seed decides its draws alone.
+        return self.sample_together([(self, requests)])[0]
+
+    def batches_with(self, other) -> bool:
+        """Whether `other`'s requests decode in one batch with this engine's."""
+        return self._rows is not None and getattr(other, "_rows", None) is self._rows
+
+    def sample_together(self, parts: list[tuple[HFEngine, list[Request]]]) -> list:
+        """Each part's (engine, requests) results; the parts' requests decoded together, each
+        row through its engine's adapter (engines that `batches_with` this one), in batches
+        of at most the engines' `batch_rows` summed."""
+        requests = [r for _, part in parts for r in part]
+        names = [engine.adapter for engine, part in parts for _ in part]
+        budget = sum(engine.batch_rows for engine, _ in parts)
         out: list[list[SampledSequence]] = []
-        for chunk in _chunks(requests, self.batch_rows):
-            out += sample_batch(self._sampler.model, self.tokenizer, chunk)
-        return out
+        start = 0
+        for chunk in _chunks(requests, budget):
+            rows = names[start : start + len(chunk)] if self._rows is not None else None
+            out += sample_batch(self.model, self.tokenizer, chunk, rows)
+            start += len(chunk)
+        results, start = [], 0
+        for _, part in parts:
+            results.append(out[start : start + len(part)])
+            start += len(part)
+        return results
 
     @torch.no_grad()
     def _prompt_distributions(self, prompt: list[int]) -> torch.Tensor:
         """The policy's log-probabilities over the vocabulary at each prompt position after the
         first: (len(prompt) - 1, vocabulary)."""
-        model = self._sampler.model
+        model = self.model
         device = next(model.parameters()).device
-        logits = model(input_ids=torch.tensor([prompt[:-1]], device=device)).logits[0].float()
-        return logits.log_softmax(-1)
+        with per_row_adapters(model, self._own_rows(1)):
+            logits = model(input_ids=torch.tensor([prompt[:-1]], device=device)).logits[0]
+        return logits.float().log_softmax(-1)
 
     def prompt_logprobs(self, prompt: list[int]) -> list[float | None]:
         targets = torch.tensor(prompt[1:])[:, None]

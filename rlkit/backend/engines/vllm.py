@@ -88,10 +88,12 @@ def _shared_llm(
     max_rank: int | None,
     options: VLLMEngine.Options,
     owner: int | None = None,
+    max_loras: int = 1,
 ):
     """The `vllm.LLM` for these settings: with a LoRA rank, shared by every client that asks;
-    without one (merged weights), the `owner`'s own, since it serves that client's weights."""
-    key = (model_path, str(dtype), device.type, max_rank, options, owner)
+    without one (merged weights), the `owner`'s own, since it serves that client's weights.
+    `max_loras`: LoRAs decoded in one batch (clients whose samples batch together)."""
+    key = (model_path, str(dtype), device.type, max_rank, options, owner, max_loras)
     if key not in _LLMS:
         vllm, _ = _import_vllm()
         memory = (
@@ -109,7 +111,7 @@ def _shared_llm(
             # Every request carries its own seed; the engine's is never used.
             seed=0,
             **(
-                {"enable_lora": True, "max_lora_rank": max_rank, "max_loras": 1}
+                {"enable_lora": True, "max_lora_rank": max_rank, "max_loras": max_loras}
                 if max_rank is not None
                 else {}
             ),
@@ -242,6 +244,8 @@ class VLLMEngine:
             learner.dtype,
             learner.device,
             options,
+            # Clients whose samples batch together (a sweep's arms): one LoRA each per batch.
+            max_loras=learner.shared.parties(),
         )
 
     def __init__(
@@ -252,6 +256,7 @@ class VLLMEngine:
         dtype: torch.dtype,
         device: torch.device,
         options: Options | None = None,
+        max_loras: int = 1,
     ) -> None:
         options = options or self.Options()
         self._vllm, self._LoRARequest = _import_vllm()
@@ -264,6 +269,7 @@ class VLLMEngine:
             None if self.merged else lora_rank_limit(rank),
             options,
             owner=self.lora_id if self.merged else None,
+            max_loras=max_loras,
         )
         self._eos = self.llm.get_tokenizer().eos_token_id
         self.loaded_key: int | None = None
@@ -327,10 +333,27 @@ class VLLMEngine:
         )
 
     def sample(self, requests: list[Request]) -> list[list[SampledSequence]]:
+        return self.sample_together([(self, requests)])[0]
+
+    def batches_with(self, other) -> bool:
+        """Whether `other`'s requests go to vLLM in one `generate` call with this engine's:
+        LoRAs (not merged weights) on the same `LLM`."""
+        return (
+            isinstance(other, VLLMEngine)
+            and not self.merged
+            and not other.merged
+            and other.llm is self.llm
+        )
+
+    def sample_together(self, parts: list[tuple[VLLMEngine, list[Request]]]) -> list:
+        """Each part's (engine, requests) results, from one `generate` call for all of them,
+        each request with its engine's LoRA (vLLM's multi-LoRA batching, up to max_loras)."""
+        requests = [r for _, part in parts for r in part]
+        loras = [engine._request for engine, part in parts for _ in part]
         outputs = self.llm.generate(
             [{"prompt_token_ids": r.prompt} for r in requests],
             [self._params(r) for r in requests],
-            lora_request=self._request,
+            lora_request=loras if len(parts) > 1 else self._request,
             use_tqdm=False,
         )
         results = []
@@ -339,7 +362,11 @@ class VLLMEngine:
             if request.params.temperature == 0:
                 sequences = repeat_greedy(sequences[0], request.num_samples)
             results.append(sequences)
-        return results
+        out, start = [], 0
+        for _, part in parts:
+            out.append(results[start : start + len(part)])
+            start += len(part)
+        return out
 
     def prompt_logprobs(self, prompt: list[int]) -> list[float | None]:
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)

@@ -231,3 +231,51 @@ def test_dora_falls_back_to_the_hf_engine_with_a_message(service, caplog):
     assert "cannot serve DoRA" in caplog.text
     assert trainer._learner._engine().name == "hf"
     assert sample(sampler, trainer.get_tokenizer().encode("hi"), n=1)[0].tokens
+
+
+def test_clients_batched_together_sample_in_one_call_each_with_its_lora(tmp_path, monkeypatch):
+    """`serve_calls_here(parties=...)` (a batched sweep's arms): two clients' samples go to vLLM
+    in one `generate` call (max_loras=2), each request with its own client's LoRA: every
+    sampled logprob is its own trainer's, not the other's."""
+    import threading
+
+    import rlkit
+
+    parts = []
+    together = vllm_engine.VLLMEngine.sample_together
+
+    def spy(self, calls):
+        parts.append(len(calls))
+        return together(self, calls)
+
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "sample_together", spy)
+    service = rlkit.ServiceClient(device="cpu", checkpoint_dir=tmp_path, engine="vllm")
+    out = {}
+
+    def work(i):
+        trainer = service.create_lora_training_client(MODEL, rank=RANK, seed=i)
+        for _ in range(3):
+            sft_step(trainer, text=["hello world", "goodbye moon"][i])
+        sampler = trainer.save_weights_and_get_sampling_client()
+        prompt = trainer.get_tokenizer().encode("hello")
+        out[i] = (trainer, prompt, sample(sampler, prompt, seed=i))
+
+    threads = [threading.Thread(target=service.in_turn, args=(work, i)) for i in range(2)]
+    service.serve_calls_here(
+        until=lambda: not any(t.is_alive() for t in threads),
+        start=lambda: [t.start() for t in threads],
+        parties=threads,
+    )
+    assert parts == [2]  # one call for both clients' requests
+    (llm,) = {engine.llm for engine in (t._learner._engine() for t, _, _ in out.values())}
+    assert llm.llm_engine.vllm_config.lora_config.max_loras == 2
+    for i, (trainer, prompt, seqs) in out.items():
+        other = out[1 - i][0]
+        for seq in seqs:
+            mine = trainer_logprobs(trainer, prompt, seq.tokens)
+            theirs = trainer_logprobs(other, prompt, seq.tokens)
+            assert float((mine - theirs).abs().max()) > 100 * TOLERANCE  # they differ
+            diff = (mine - torch.tensor(seq.logprobs)).abs()
+            assert float(diff.max()) < TOLERANCE, diff
+    for trainer, _, _ in out.values():
+        trainer.close()
