@@ -1,10 +1,9 @@
-"""Would batching a sweep's arms into one pass (per-row adapters) pay on this machine?
+"""Does batching a sweep's arms into one pass (per-row adapters) pay on this machine?
 
-The adapters launcher runs K arms' calls one after another on one base model. The alternative is
-one forward pass over all arms' rows, each row through its own arm's adapter: peft's mixed
-batches (`adapter_names=[...]`, one name per row). This script times both, side by side, on
-pair_sum's shapes (16 prompts x 8 completions per arm, 25 prompt tokens, 20-39 completion
-tokens, rlkit-small with LoRA rank 64):
+The adapters launcher runs K arms' calls one after another on one base model, or, with
+`hydra.launcher.batch=true`, as one pass over all arms' rows, each row through its own arm's
+adapter. This script times the ways, side by side, on pair_sum's shapes (16 prompts x 8
+completions per arm, 25 prompt tokens, 20-39 completion tokens, rlkit-small with LoRA rank 64):
 
 - train: K arms' training passes (prefix sharing, logprobs, backward), one per arm with its
   adapter active, vs one pass over the K arms' rows with per-row adapters;
@@ -12,10 +11,12 @@ tokens, rlkit-small with LoRA rank 64):
   adapter merged into the weights), vs one decode over all rows on the unmerged model with
   per-row adapters (merged weights cannot differ per row).
 
-It prints the medians and the ratios (together / one after another; below 1: batching wins),
-and a bound: the same one batch with every row through one arm's weights (the train pass with
-one adapter active, the decode on one merged copy), what per-row adapters would cost if
-choosing each row's adapter were free.
+Per-row adapters two ways: rlkit's (`adapters.per_row`: each arm's rows one slice, the base
+weights once for all rows; what the launcher uses) and peft's mixed batches (`adapter_names=`,
+one name per row: a gather and a scatter per adapter and layer). It prints the medians and the
+ratios (together / one after another; below 1: batching wins), and a bound: the same one batch
+with every row through one arm's weights (the train pass with one adapter active, the decode on
+one merged copy), what per-row adapters would cost if choosing each row's adapter were free.
 
     python scripts/bench_adapter_batching.py [--arms 4] [--repeats 5]
 """

@@ -3,9 +3,9 @@ launcher (one arm after another), side by side in one run of this script.
 
 Runs `python -m rlkit -m recipe=pair_sum optim.lr=A,B seed=0,1` (4 arms) four ways, one after
 another on the same machine:
-- adapters: `hydra/launcher=adapters hydra.launcher.arms=4`, one process, the 4 arms together,
-  their forward_backward calls batched into one pass;
-- turns: the same with `hydra.launcher.batch=false` (the arms' calls take turns);
+- adapters: `hydra/launcher=adapters hydra.launcher.arms=4 hydra.launcher.batch=true`, one
+  process, the 4 arms together, their forward_backward calls and samples batched;
+- turns: the same without `batch=true` (the launcher's default: the arms' calls take turns);
 - basic: Hydra's basic launcher, one process, the arms one after another;
 - separate: one arm alone in its own process, the memory each of 4 separate processes holds
   (the arms have the same shapes; 4 of them at once hold 4x this).
@@ -71,8 +71,8 @@ def main() -> None:
     results = {}
     adapters = ["hydra/launcher=adapters", f"hydra.launcher.arms={arms}"]
     for name, extra in [
-        ("adapters", adapters),
-        ("turns", [*adapters, "hydra.launcher.batch=false"]),
+        ("adapters", [*adapters, "hydra.launcher.batch=true"]),
+        ("turns", adapters),
         ("basic", []),
     ]:
         sweep_dir = root / name

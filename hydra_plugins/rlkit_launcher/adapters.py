@@ -31,11 +31,12 @@ class AdaptersLauncherConf:
     _target_: str = "hydra_plugins.rlkit_launcher.adapters.AdaptersLauncher"
     # Arms trained at once on one copy of the base model (the rest wait for a group's end).
     arms: int = 4
-    # true: the arms' forward / forward_backward calls run as one pass, each row through its
-    # arm's adapter (each arm then equals its own run to float rounding, the same bits in every
-    # rerun of the sweep); false: the calls take turns, each arm bitwise its run under the basic
-    # launcher. Off by default: on 2 CPU cores it saved 3% of the wall time and held 1.8x the
-    # memory (benchmarks/README.md); one pass pays where one arm leaves the device idle (GPU).
+    # true: the arms' forward / forward_backward calls run as one pass and their samples as one
+    # decode, each row through its arm's adapter (each arm then equals its own run to float
+    # rounding, the same bits in every rerun of the sweep); false: the calls take turns, each
+    # arm bitwise its run under the basic launcher. Off by default: on 2 CPU cores it saves
+    # little wall time for more memory (benchmarks/README.md); one batch pays where one arm's
+    # calls leave the device idle (a GPU).
     batch: bool = False
 
 

@@ -114,20 +114,18 @@ def can_batch(peft_model: PeftModel, names: list[str]) -> bool:
 def per_row(peft_model: PeftModel, row_adapters: list[str] | None):
     """Every adapted layer runs row i of its input through adapter `row_adapters[i]` (rows of
     one adapter must be neighbours: each adapter's rows are one slice, its matmuls those of its
-    rows alone), the base weights once for all rows; None: as the model is. Every named
-    adapter trains meanwhile. See `can_batch` for which adapters can."""
+    rows alone), the base weights once for all rows; None: as the model is. With gradients on,
+    every named adapter trains meanwhile. See `can_batch` for which adapters can."""
     if row_adapters is None:
         yield
         return
     segments = [(name, len(list(run))) for name, run in itertools.groupby(row_adapters)]
     if len({name for name, _ in segments}) != len(segments):
         raise ValueError(f"rows of one adapter must be neighbours, got {row_adapters}")
-    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
-    params = [
-        p
-        for name, p in peft_model.named_parameters()
-        if any(f".{adapter}." in name for adapter, _ in segments) and ".lora_" in name
-    ]
+    layers, lora_params = _lora_parts(peft_model)
+    params = []
+    if torch.is_grad_enabled():
+        params = [p for name, p in lora_params if any(f".{a}." in name for a, _ in segments)]
     trains = [p.requires_grad for p in params]
     for layer in layers:
         layer.forward = functools.partial(_segments_forward, layer, segments)
@@ -140,6 +138,18 @@ def per_row(peft_model: PeftModel, row_adapters: list[str] | None):
             del layer.forward
         for p, flag in zip(params, trains, strict=True):
             p.requires_grad_(flag)
+
+
+def _lora_parts(peft_model: PeftModel) -> tuple[list, list]:
+    """The model's LoRA layers and its adapters' (name, parameter) pairs, found once per set of
+    adapters (a decode enters `per_row` at every token)."""
+    key = tuple(peft_model.peft_config)
+    cached = peft_model.__dict__.get("_rlkit_lora_parts")
+    if cached is None or cached[0] != key:
+        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+        params = [(n, p) for n, p in peft_model.named_parameters() if ".lora_" in n]
+        cached = peft_model.__dict__["_rlkit_lora_parts"] = (key, layers, params)
+    return cached[1], cached[2]
 
 
 def _segments_forward(layer, segments: list[tuple[str, int]], x: torch.Tensor, *args, **kwargs):

@@ -9,8 +9,8 @@ own. The arms' calls take turns on the model, each with its own adapter, so ever
 bits it gets when run alone (`python -m rlkit.repro compare` on the two run dirs).
 
 `hydra.launcher.batch=true`: the arms' forward / forward_backward calls run as one pass instead,
-each row through its own arm's adapter (rlkit.backend.adapters.per_row), once every arm waits on
-one. Each arm then equals its run alone to float rounding, and every rerun of the sweep gets the
+and their samples as one decode (hf: per-row adapters, rlkit.backend.adapters.per_row; vLLM:
+one `generate` with each arm's LoRA), once every arm waits on one. Each arm then equals its run alone to float rounding, and every rerun of the sweep gets the
 same bits (which calls meet in a pass depends on the arms' own sequences of calls, not on
 timing). A resumed batched sweep goes on from each arm's checkpoint; where the arms stopped at
 different steps, its passes pair other steps than the uninterrupted sweep's: to rounding, not
@@ -105,7 +105,7 @@ class Job:
 def train_arms(jobs: list[Job], arms: int, train: Callable, batch: bool = False) -> None:
     """Run the jobs `arms` at a time, each group as adapters on one base, each job as
     `train(cfg, run_dir, arm)` (rlkit.rl.loop.train); every job's `outcome` says how it ended.
-    `batch`: the group's forward_backward calls run as one pass (else they take turns).
+    `batch`: the group's forward_backward and sample calls run batched (else they take turns).
     Ctrl-C / SIGTERM: every running arm checkpoints and stops, and no further group starts."""
     from rlkit.run.checkpoint import STOP, stop_on_signals
 

@@ -72,12 +72,16 @@ def resume_matches(tmp_path, sweep, reference) -> None:
         assert bitwise(sweep / arm, reference / arm), arm
 
 
+def run_sweep(tmp_path_factory, name: str, args: list[str]):
+    root = tmp_path_factory.mktemp(name)
+    cli([*args, f"hydra.sweep.dir={root / 'sweep'}"], cwd=root)
+    return root / "sweep"
+
+
 @pytest.fixture(scope="module")
 def basic(tmp_path_factory):
     """The sweep under Hydra's basic launcher: each arm run alone."""
-    root = tmp_path_factory.mktemp("basic")
-    cli([*SWEEP, f"hydra.sweep.dir={root / 'sweep'}"], cwd=root)
-    return root / "sweep"
+    return run_sweep(tmp_path_factory, "basic", SWEEP)
 
 
 @pytest.mark.slow
@@ -124,19 +128,17 @@ def assert_close_runs(a, b) -> None:
 
 @pytest.fixture(scope="module")
 def batched(tmp_path_factory):
-    """The sweep with its arms' forward_backward calls batched, uninterrupted."""
-    root = tmp_path_factory.mktemp("batched")
-    cli([*BATCHED, f"hydra.sweep.dir={root / 'sweep'}"], cwd=root)
-    return root / "sweep"
+    """The sweep with its arms' forward_backward and sample calls batched, uninterrupted."""
+    return run_sweep(tmp_path_factory, "batched", BATCHED)
 
 
 @pytest.mark.slow
 def test_batched_arms_are_their_runs_to_rounding_and_the_same_bits_every_time(
     tmp_path, basic, batched
 ):
-    """hydra.launcher.batch=true: the arms' forward_backward calls run as one pass, each row
-    through its arm's adapter: every arm's metrics are its basic run's to float rounding, and
-    a rerun of the batched sweep gets the same bits."""
+    """hydra.launcher.batch=true: the arms' forward_backward calls run as one pass and their
+    samples as one decode, each row through its arm's adapter: every arm's metrics are its
+    basic run's to float rounding, and a rerun of the batched sweep gets the same bits."""
     again = tmp_path / "again"
     cli([*BATCHED, f"hydra.sweep.dir={again}"], cwd=tmp_path)
     # Shared passes, other sums: not every arm the same bits as alone.
