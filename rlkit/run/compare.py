@@ -68,15 +68,33 @@ def differing_files(a: Path, b: Path) -> list[str]:
     return out
 
 
+# Where two runs' bits come from, likeliest cause first: the packages (versions, the lock), then
+# the machine (CPU, math libraries' code paths), then the switches and environment variables
+# that pick kernels; the config and the rest after them.
+SUSPECTS = (("versions", "environment"), ("machine", "device"), ("determinism", "env", "processes"))
+
+
+def suspicion(key: str) -> int:
+    """The rank of a manifest key (or a "key: A vs B" line) among SUSPECTS; the rest rank last."""
+    top = key.split(":")[0].split(".")[0]
+    return next((rank for rank, tops in enumerate(SUSPECTS) if top in tops), len(SUSPECTS))
+
+
 def manifest_differences(a: Path, b: Path) -> list[str]:
+    """ "key: A vs B" for each manifest field that differs, the likeliest causes of different
+    bits first (SUSPECTS), then by key."""
     if not (a.exists() and b.exists()):
         return [f"manifest.json missing in {'A' if not a.exists() else 'B'}"]
     flat_a = flatten(json.loads(a.read_text()))
     flat_b = flatten(json.loads(b.read_text()))
+    keys = [
+        key
+        for key in set(flat_a) | set(flat_b)
+        if key.split(".")[0] not in VOLATILE and flat_a.get(key) != flat_b.get(key)
+    ]
     return [
         f"{key}: {flat_a.get(key, '<absent>')!r} (A) vs {flat_b.get(key, '<absent>')!r} (B)"
-        for key in sorted(set(flat_a) | set(flat_b))
-        if key.split(".")[0] not in VOLATILE and flat_a.get(key) != flat_b.get(key)
+        for key in sorted(keys, key=lambda k: (suspicion(k), k))
     ]
 
 
@@ -104,8 +122,13 @@ def report(result: Comparison, run_a: Path, run_b: Path) -> str:
             lines.append(f"  adapter/ files that differ: {', '.join(result.adapter)}")
         else:
             lines.append("  adapter/ files are identical")
+        suspects = [d for d in result.manifest if suspicion(d) < len(SUSPECTS)]
+        if suspects:
+            lines.append(f"  first suspect: {suspects[0]}")
     if result.manifest:
-        lines.append("manifest fields that differ:")
+        lines.append(
+            "manifest fields that differ (likeliest causes first: packages, machine, switches):"
+        )
         lines += [f"  {line}" for line in result.manifest]
     else:
         lines.append("manifests agree (timestamps and command lines aside)")

@@ -1,13 +1,16 @@
-"""The run manifest: what decides a run's bits (config and its hash, versions, device,
-determinism switches, kernel-related environment variables), written as `manifest.json`.
+"""The run manifest: what decides a run's bits (config and its hash, versions, the installed
+packages against the lock, the machine's traits, device, determinism switches, kernel-related
+environment variables), written as `manifest.json`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +39,30 @@ KERNEL_ENV_VARS = (
 )
 # Distributions whose versions go in the manifest (null when not installed).
 PACKAGES = ("torch", "transformers", "peft", "vllm", "tokenizers", "safetensors", "numpy")
+# The lock `make setup` installs (a source checkout's; see docs/development.md).
+LOCK = "requirements/cpu.txt"
+# MKL's conditional-numerical-reproducibility branches (mkl_service.h): the code path its kernels
+# take. AUTO picks one by processor; where MKL lists no branch for the processor (AMD's, for one)
+# AUTO itself is reported and a generic path runs. Measured (docs/reproducibility.md): another
+# branch, another pair_sum curve.
+MKL_BRANCHES = {
+    0: "OFF",
+    1: "BRANCH_OFF",
+    2: "AUTO",
+    3: "COMPATIBLE",
+    4: "SSE2",
+    6: "SSSE3",
+    7: "SSE4_1",
+    8: "SSE4_2",
+    9: "AVX",
+    10: "AVX2",
+    11: "AVX512_MIC",
+    12: "AVX512",
+    13: "AVX512_MIC_E1",
+    14: "AVX512_E1",
+}
+# CPU flags that decide which vector kernels torch, MKL and oneDNN pick.
+ISA_FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4", "vnni")
 # Manifest fields that differ between any two runs; `compare` does not list them.
 VOLATILE = ("started_at", "command")
 # Config keys that say how to start a run, not what it computes: left out of the config hash.
@@ -80,6 +107,113 @@ def package_versions() -> dict[str, str | None]:
             except metadata.PackageNotFoundError:
                 pass
     return versions
+
+
+def _dist_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503: how pip and uv compare names
+
+
+def installed_packages() -> dict[str, str]:
+    """Every installed distribution's version, by normalized name."""
+    return dict(
+        sorted((_dist_name(d.metadata["Name"]), d.version) for d in metadata.distributions())
+    )
+
+
+def environment_info(lock: Path | None = None) -> dict:
+    """The installed packages, their digest, and how they stand against the lock: its sha256 and
+    the packages whose installed version is not the locked one (null outside a source checkout,
+    whose lock `make setup` installs)."""
+    installed = installed_packages()
+    listing = "\n".join(f"{name}=={version}" for name, version in installed.items())
+    info: dict[str, Any] = {
+        "packages": installed,
+        "packages_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        "lock": None,
+    }
+    lock = lock or Path(__file__).resolve().parents[2] / LOCK
+    if lock.is_file():
+        text = lock.read_text()
+        pins = {
+            _dist_name(n): v for n, v in re.findall(r"^([A-Za-z0-9._-]+)==([^\s;\\]+)", text, re.M)
+        }
+        info["lock"] = {
+            "file": LOCK,
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            # What this environment has that the lock does not say: the first suspect when
+            # two runs differ (`python -m rlkit.repro compare`).
+            "not_as_locked": sorted(
+                f"{name}=={installed.get(name, 'absent')} (locked {version})"
+                for name, version in pins.items()
+                if installed.get(name) != version
+            ),
+            "not_in_lock": sorted(
+                f"{name}=={version}"
+                for name, version in installed.items()
+                if name not in pins and name != "rlkit"
+            ),
+        }
+    return info
+
+
+def cpu_info() -> dict:
+    """The CPU's vendor, model and vector-ISA flags (Linux's /proc/cpuinfo; elsewhere what
+    `platform` says) and its core count."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not key.strip():
+                    if fields:
+                        break  # the first processor's block says it
+                    continue
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = sorted(f for f in fields.get("flags", "").split() if f.startswith(ISA_FLAG_PREFIXES))
+    return {
+        "cpu_vendor": fields.get("vendor_id") or platform.processor() or None,
+        "cpu_model": fields.get("model name") or platform.machine() or None,
+        "cpu_isa_flags": " ".join(flags) or None,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def mkl_info(torch) -> dict:
+    """MKL's version, its branch in force (MKL_CBWR) and the branch AUTO takes on this CPU; null
+    where torch has no MKL or its library does not export the calls."""
+    info = {"mkl_version": None, "mkl_branch": None, "mkl_auto_branch": None}
+    if not torch.backends.mkl.is_available():
+        return info
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        text = ctypes.create_string_buffer(256)
+        lib.MKL_Get_Version_String(text, len(text))
+        info["mkl_version"] = text.value.decode(errors="replace").strip()
+        lib.mkl_serv_cbwr_get.argtypes = [ctypes.c_int]
+        branch, auto = lib.mkl_serv_cbwr_get(1), lib.mkl_serv_cbwr_get_auto_branch()
+        info["mkl_branch"] = MKL_BRANCHES.get(branch, str(branch))
+        info["mkl_auto_branch"] = MKL_BRANCHES.get(auto, str(auto))
+    except (OSError, AttributeError):
+        pass
+    return info
+
+
+def machine_traits() -> dict:
+    """What of the machine and its math libraries decides the bits of CPU kernels, beside the
+    package versions: the CPU, the kernels ATen dispatches to (its CPU capability), MKL's code
+    path, oneDNN's version and the C library."""
+    import torch
+
+    onednn = re.search(r"MKL-DNN (v[\w.]+)", torch.__config__.show())
+    return {
+        **cpu_info(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **mkl_info(torch),
+        "onednn_version": onednn.group(1) if onednn else None,
+        "libc": " ".join(platform.libc_ver()).strip() or None,
+    }
 
 
 def device_info(device, dtype) -> dict:
@@ -139,6 +273,8 @@ def build_manifest(
         "rlkit_version": rlkit.__version__,
         "git": git_info(),
         "versions": package_versions(),
+        "environment": environment_info(),
+        "machine": machine_traits(),
         "device": device_info(device, dtype),
         "engine": engine,
         # World size, backend and launcher settings of a data-parallel run; one process: 1.

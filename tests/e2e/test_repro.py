@@ -9,6 +9,7 @@ subprocess runs compute the same bits on any machine.
 Every test takes the `engine` fixture: add an engine to ENGINES and all of them run for it too.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -27,6 +28,7 @@ from rlkit.rl.loop import train
 from rlkit.run import compare, manifest
 from rlkit.run.config import compose
 from rlkit.run.validate import validate
+from tests.e2e import warm
 from tests.e2e.runs import STEPS, TINY, assert_same_as
 
 # Subprocess runs, end-to-end training or vLLM: not in `make test-fast`.
@@ -49,16 +51,22 @@ def run_inprocess(run_dir, engine, *extra):
 
 
 def start_cli(run_dir, engine, *extra, env=None):
-    """`python -m rlkit` in the background; its output goes to files (a pipe nobody reads
-    could fill up and stall it)."""
+    """`python -m rlkit` in the background (forked from the warm interpreter, tests/e2e/warm.py,
+    unless `env` needs a new one); its output goes to files (a pipe nobody reads could fill up
+    and stall it)."""
     out = run_dir.parent
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlkit", *overrides(engine, *extra), f"hydra.run.dir={run_dir}"],
-        cwd=out,
-        env={**os.environ, **(env or {})},
-        stdout=open(out / "stdout.txt", "w"),  # noqa: SIM115 - the child owns it
-        stderr=open(out / "stderr.txt", "w"),  # noqa: SIM115
-    )
+    args = [*overrides(engine, *extra), f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, **(env or {})}
+    if warm.fresh(env):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rlkit", *args],
+            cwd=out,
+            env=env,
+            stdout=open(out / "stdout.txt", "w"),  # noqa: SIM115 - the child owns it
+            stderr=open(out / "stderr.txt", "w"),  # noqa: SIM115
+        )
+    else:
+        proc = warm.start("rlkit", args, out, env, out / "stdout.txt", out / "stderr.txt")
     proc.stderr_text = lambda: (out / "stderr.txt").read_text()
     return proc
 
@@ -85,6 +93,16 @@ def wait_for(condition, proc, timeout=120.0):
 @pytest.fixture(scope="module", params=sorted(ENGINES))
 def engine(request):
     return request.param
+
+
+# Kill-and-resume paths that do not depend on the engine (the checkpoint is the trainer's; the
+# engine is rebuilt from it): `make test` takes them on the hf engine, `make test-all` on every
+# engine. vLLM's own resume is checked in `make test` by the truncated-checkpoint test.
+EVERY_ENGINE_IN_FULL = pytest.mark.parametrize(
+    "engine",
+    [pytest.param(e, marks=pytest.mark.full) if e != "hf" else e for e in sorted(ENGINES)],
+    indirect=True,
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +148,14 @@ def test_manifest_records_what_decides_the_bits(reference):
         assert isinstance(record["git"]["dirty"], bool)
     else:  # an unpacked sdist: no commit to record
         assert record["git"] is None
+    lock = root / "requirements" / "cpu.txt"  # what `make setup` installed, and how it stands
+    if lock.exists():
+        assert (
+            record["environment"]["lock"]["sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+        )
+        assert isinstance(record["environment"]["lock"]["not_as_locked"], list)
+    assert record["environment"]["packages"]["torch"] == record["versions"]["torch"]
+    assert record["machine"]["cpu_count"] and record["machine"]["aten_cpu_capability"]
     assert record["device"]["device"] == "cpu" and record["device"]["dtype"] == "float32"
     assert record["engine"] in ENGINES
     det = record["determinism"]
@@ -142,6 +168,7 @@ def test_manifest_records_what_decides_the_bits(reference):
     assert "time/step" in (reference / "timings.jsonl").read_text()
 
 
+@EVERY_ENGINE_IN_FULL
 def test_sigkill_at_a_random_point_then_resume_is_exact(reference, engine, tmp_path, capsys):
     run_dir = tmp_path / "run"
     # The kill point is drawn from a seed that is printed (a failure shows it): replay it with
@@ -167,6 +194,7 @@ def test_sigkill_at_a_random_point_then_resume_is_exact(reference, engine, tmp_p
     assert_same_as(reference, run_dir)
 
 
+@EVERY_ENGINE_IN_FULL
 def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(
     reference, engine, tmp_path, capsys
 ):
@@ -202,6 +230,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(reference, engine, 
     assert_same_as(reference, run_dir)
 
 
+@EVERY_ENGINE_IN_FULL
 def test_sigterm_checkpoints_exits_0_and_resume_goes_on_at_the_next_step(
     reference, engine, tmp_path, capsys
 ):
@@ -233,12 +262,15 @@ def test_sigterm_checkpoints_exits_0_and_resume_goes_on_at_the_next_step(
 
 
 def test_two_processes_with_different_hash_seeds_write_identical_files(tmp_path, capsys):
-    """Separate processes hash strings differently (PYTHONHASHSEED): no file may depend on it."""
+    """Separate processes hash strings differently (PYTHONHASHSEED): no file may depend on it.
+    A new interpreter with one seed, and one forked from the warm interpreter, which has
+    another (the environment's, or a random one)."""
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
     runs = []
-    for hash_seed in ("1", "2"):
-        run_dir = tmp_path / f"hashseed-{hash_seed}" / "run"
+    for name, env in (("fresh", {"PYTHONHASHSEED": seed}), ("warm", None)):
+        run_dir = tmp_path / name / "run"
         run_dir.parent.mkdir()
-        proc = start_cli(run_dir, "hf", env={"PYTHONHASHSEED": hash_seed})
+        proc = start_cli(run_dir, "hf", env=env)
         assert proc.wait(timeout=300) == 0, proc.stderr_text()
         runs.append(run_dir)
     assert compare.main(["compare", str(runs[0]), str(runs[1])]) == 0, capsys.readouterr().out

@@ -3,7 +3,9 @@ to start a run; each segment of a resumed run keeps its own record, a fresh star
 A real run's manifest is checked end to end in tests/e2e/test_repro.py."""
 
 import functools
+import hashlib
 import json
+import os
 
 import torch
 
@@ -41,5 +43,35 @@ def test_each_segment_of_a_run_keeps_its_manifest_and_a_fresh_start_clears_them(
     assert latest["config"]["seed"] == cfg.seed and latest["engine"] == "hf"
     assert latest["device"]["dtype"] == "float32" and latest["processes"] == {"world_size": 1}
     assert set(latest["env"]) == set(manifest.KERNEL_ENV_VARS)
+    assert latest["machine"] == manifest.machine_traits()
+    assert latest["environment"]["packages"] == manifest.installed_packages()
     write()  # the run dir started over
     assert [p.name for p in segments.iterdir()] == ["step_000000.json"]
+
+
+def test_the_environment_is_recorded_against_the_lock(tmp_path):
+    """Every installed package's version, and the lock's hash with what differs from it: a
+    package at another version, one the lock lacks."""
+    from importlib import metadata
+
+    lock = tmp_path / "cpu.txt"
+    lock.write_text(
+        f"torch=={metadata.version('torch')} \\\n    --hash=sha256:00\n"
+        "numpy==0.0.1 \\\n    --hash=sha256:00\n"
+    )
+    env = manifest.environment_info(lock)
+    assert env["packages"]["torch"] == metadata.version("torch")
+    assert env["lock"]["sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    assert env["lock"]["not_as_locked"] == [f"numpy=={metadata.version('numpy')} (locked 0.0.1)"]
+    assert "peft==" + metadata.version("peft") in env["lock"]["not_in_lock"]
+    assert env["packages_sha256"] == manifest.environment_info(lock)["packages_sha256"]
+
+
+def test_the_machines_traits_are_recorded():
+    traits = manifest.machine_traits()
+    assert traits["cpu_count"] == os.cpu_count()
+    assert traits["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if torch.backends.mkl.is_available():  # the CPU build: MKL says its version and code path
+        assert traits["mkl_version"].startswith("Intel(R) oneAPI Math Kernel Library")
+        assert traits["mkl_branch"] in manifest.MKL_BRANCHES.values()
+        assert traits["mkl_auto_branch"] in manifest.MKL_BRANCHES.values()
