@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 from rlkit.run import compare
+from tests.e2e import warm
 
 # A shortened pair_sum run on the tiny model: seconds, not minutes.
 FAST = [
@@ -32,15 +33,9 @@ FAST = [
 
 
 def cli(args, cwd, extra_env=None, check=True):
-    env = {**os.environ, **(extra_env or {})}
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlkit", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """`python -m rlkit ARGS` in `cwd`, in a process of its own (forked from a warm interpreter:
+    tests/e2e/warm.py), its output captured."""
+    proc = warm.run("rlkit", args, cwd, {**os.environ, **(extra_env or {})}, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"rlkit {args} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc

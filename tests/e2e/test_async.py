@@ -4,9 +4,8 @@ interleave, staleness is exactly K once K steps are done, and a SIGKILLed run re
 (the checkpoint holds the older policies its next steps are sampled by)."""
 
 import json
+import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -14,6 +13,7 @@ from rlkit.rl.loop import train
 from rlkit.run.config import compose
 from rlkit.run.outputs import read_jsonl
 from rlkit.run.validate import validate
+from tests.e2e import warm
 from tests.e2e.runs import TINY, assert_same_as
 
 pytestmark = pytest.mark.slow  # end-to-end runs
@@ -78,11 +78,11 @@ def test_sigkill_then_resume_is_bitwise(reference, tmp_path, capsys):
     policies 2 and 3 in the background): resume=auto samples them again from the checkpoint's
     policies, with the same seeds, and ends bitwise equal to the uninterrupted run."""
     run_dir = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "rlkit", *ASYNC, f"hydra.run.dir={run_dir}"],
-        env={**__import__("os").environ, "RLKIT_FAULT": "kill-rank:0:step:5"},
-        capture_output=True,
-        text=True,
+    done = warm.run(
+        "rlkit",
+        [*ASYNC, f"hydra.run.dir={run_dir}"],
+        tmp_path,
+        {**os.environ, "RLKIT_FAULT": "kill-rank:0:step:5"},
         timeout=300,
     )
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from rlkit.run.outputs import read_jsonl
+from tests.e2e import warm
 from tests.e2e.runs import cli as rlkit_cli
 from tests.e2e.runs import replace_rollout_metrics, wait_for_lines
 
@@ -33,13 +34,8 @@ FAST = [
 
 def cli(tmp_path, *args, env=None):
     run_dir = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"  # a fresh one per call
-    return subprocess.run(
-        [sys.executable, "-m", "rlkit", *args, f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=300,
+    return warm.run(
+        "rlkit", [*args, f"hydra.run.dir={run_dir}"], tmp_path, {**os.environ, **(env or {})}, 300
     )
 
 
@@ -154,12 +150,8 @@ def test_a_second_run_on_a_run_dir_in_use_is_refused_at_once(tmp_path):
     try:
         wait_for_lines(run_dir / "metrics.jsonl", 1, first)  # running, lock held
         assert first.poll() is None
-        second = subprocess.run(
-            [sys.executable, "-m", "rlkit", *FAST, f"hydra.run.dir={run_dir}", "resume=auto"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
+        second = warm.run(
+            "rlkit", [*FAST, f"hydra.run.dir={run_dir}", "resume=auto"], tmp_path, timeout=120
         )
     finally:
         first.kill()
@@ -175,11 +167,8 @@ def test_a_second_run_on_a_run_dir_in_use_is_refused_at_once(tmp_path):
 @pytest.mark.slow
 def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "taken").write_text("x")
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlkit", *FAST, f"hydra.run.dir={tmp_path / 'taken' / 'run'}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = warm.run(
+        "rlkit", [*FAST, f"hydra.run.dir={tmp_path / 'taken' / 'run'}"], tmp_path, timeout=120
     )
     assert proc.returncode == 1
     assert last_line(proc) == (
@@ -284,21 +273,21 @@ def test_a_second_sigterm_stops_at_once_with_one_line(tmp_path):
 
     (tmp_path / "plugins.py").write_text(PLUGINS)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlkit", *FAST, "+reward.slow._target_=plugins.sleepy"]
-        + [f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    proc = warm.start(
+        "rlkit",
+        [*FAST, "+reward.slow._target_=plugins.sleepy", f"hydra.run.dir={run_dir}"],
+        tmp_path,
+        {**os.environ, "PYTHONPATH": str(tmp_path)},
+        tmp_path / "stdout",
+        tmp_path / "stderr",
     )
     wait_for_lines(run_dir / "metrics.jsonl", 1, proc)  # the warm start's row: RL step 0 begins
     time.sleep(1)  # in the reward's 30 s sleep
     proc.send_signal(signal.SIGTERM)  # finish the step, then checkpoint ...
     time.sleep(5.5)  # (a repeat within 5 s is the same request arriving twice: a launcher's)
     proc.send_signal(signal.SIGTERM)  # ... no: stop now
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    _, err = proc.output()
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
     assert (
@@ -318,10 +307,8 @@ def test_a_second_sigterm_stops_at_once_with_one_line(tmp_path):
         ("rlkit.examples.first_sft", "--help"),
     ],
 )
-def test_every_entry_point_prints_its_usage_and_exits_0(module, flag):
-    proc = subprocess.run(
-        [sys.executable, "-m", module, flag], capture_output=True, text=True, timeout=120
-    )
+def test_every_entry_point_prints_its_usage_and_exits_0(module, flag, tmp_path):
+    proc = warm.run(module, [flag], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "usage" in proc.stdout.lower() or "Usage" in proc.stdout, proc.stdout
 

@@ -2,7 +2,8 @@
 
 Every run here is the same small pair_sum config on the tiny model (SFT warm start, eval, 3
 groups over 2 processes: uneven shares on purpose). What is checked:
-- two 2-process runs are bitwise identical;
+- two 2-process runs are bitwise identical (a rerun in `make test-all`; in `make test`, the
+  killed-and-resumed run equals the uninterrupted one bit for bit);
 - a 2-process run and the 1-process run agree within the stated tolerance (rollouts identical,
   numbers within rounding: the gradient sum's order differs), and only the main process wrote;
 - a SIGKILLed rank fails the run promptly, the launcher names it, and `resume=auto` completes
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlkit.run.outputs import read_jsonl
+from tests.e2e import warm
 from tests.e2e.runs import free_port, replace_rollout_metrics, wait_for_lines
 
 pytestmark = pytest.mark.slow  # starts launchers and their processes
@@ -82,6 +84,11 @@ def environment(cache: Path, **extra: str) -> dict[str, str]:
 
 
 def run(processes, run_dir, cache, *extra, timeout=300, **env) -> subprocess.CompletedProcess:
+    """The run under the launcher; one process: `python -m rlkit`, forked from the warm
+    interpreter (tests/e2e/warm.py)."""
+    if processes == 1:
+        args = [*ARGS, f"hydra.run.dir={run_dir}", *extra]
+        return warm.run("rlkit", args, os.getcwd(), environment(cache, **env), timeout)
     return subprocess.run(
         command(processes, run_dir, *extra),
         env=environment(cache, **env),
@@ -141,10 +148,15 @@ def two(tmp_path_factory, cache) -> Path:
     return run_dir
 
 
-def test_two_processes_repeat_bitwise_and_match_one_process_within_tolerance(tmp_path, cache, two):
+# A second uninterrupted 2-process run: `make test` checks that 2-process runs repeat bitwise
+# through the killed-and-resumed run below, which must equal `two` bit for bit.
+@pytest.mark.full
+def test_two_processes_repeat_bitwise(tmp_path, cache, two):
     ok(run(2, tmp_path / "again", cache))
     same_bits(two, tmp_path / "again")
 
+
+def test_two_processes_match_one_process_within_tolerance(tmp_path, cache, two):
     ok(run(1, tmp_path / "one", cache))
     within_tolerance(two, tmp_path / "one")
     # Something was learned (not a run of skipped steps).
@@ -260,8 +272,14 @@ WORK_LINE = re.compile(r"work done in this process: (\d+) tokens forward, (\d+) 
 
 def hand_loop(processes: int, cache: Path) -> tuple[list[tuple], list[tuple[int, int]]]:
     """The example's step lines (one set per process: they must agree) and work lines."""
-    cmd = [*launcher(processes), "-m", "rlkit.examples.rl_loop", "--steps", "6"]
-    done = subprocess.run(cmd, env=environment(cache), capture_output=True, text=True, timeout=300)
+    module, args = "rlkit.examples.rl_loop", ["--steps", "6"]
+    if processes == 1:  # forked from the warm interpreter (tests/e2e/warm.py)
+        done = warm.run(module, args, os.getcwd(), environment(cache), timeout=300)
+    else:
+        cmd = [*launcher(processes), "-m", module, *args]
+        done = subprocess.run(
+            cmd, env=environment(cache), capture_output=True, text=True, timeout=300
+        )
     ok(done)
     steps = [m.groups() for m in STEP_LINE.finditer(done.stdout)]
     work = [tuple(map(int, m.groups())) for m in WORK_LINE.finditer(done.stdout)]
@@ -316,18 +334,30 @@ def test_rewards_run_once_per_group_in_all_however_many_processes(tmp_path, cach
     assert len({pid for pid, _ in lines}) == 2, lines
 
 
-def test_asynchronous_runs_on_two_processes_repeat_bitwise_and_match_one_process(tmp_path, cache):
+ASYNC = ("max_steps_off_policy=2",)
+
+
+@pytest.fixture(scope="module")
+def two_async(tmp_path_factory, cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("two-async") / "run"
+    ok(run(2, run_dir, cache, *ASYNC))
+    return run_dir
+
+
+@pytest.mark.full
+def test_asynchronous_runs_on_two_processes_repeat_bitwise(tmp_path, cache, two_async):
     """max_steps_off_policy=2 on 2 processes: the background sampling's exchanges go over a
-    group of their own, so they never interleave with the training's; two runs are bitwise
-    equal, and within the tolerance of one process."""
-    extra = ("max_steps_off_policy=2",)
-    runs = [tmp_path / "a", tmp_path / "b"]
-    for run_dir in runs:
-        ok(run(2, run_dir, cache, *extra))
-    same_bits(*runs)
-    ok(run(1, tmp_path / "one", cache, *extra))
-    within_tolerance(runs[0], tmp_path / "one")
-    assert [r.get("train/staleness_max") for r in metrics(runs[0]) if 0 <= r["step"] < 6] == [
+    group of their own, so they never interleave with the training's: two runs are bitwise
+    equal (`make test-all`; `make test` holds the run within the tolerance of one process,
+    below, which an interleaving would break too)."""
+    ok(run(2, tmp_path / "b", cache, *ASYNC))
+    same_bits(two_async, tmp_path / "b")
+
+
+def test_asynchronous_runs_on_two_processes_match_one_process(tmp_path, cache, two_async):
+    ok(run(1, tmp_path / "one", cache, *ASYNC))
+    within_tolerance(two_async, tmp_path / "one")
+    assert [r.get("train/staleness_max") for r in metrics(two_async) if 0 <= r["step"] < 6] == [
         0,
         1,
         2,

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from rlkit.run.outputs import read_jsonl
+from tests.e2e import warm
 from tests.e2e.runs import start_service
 
 # The docs' commands and the site build run in subprocesses; the two extraction checks
@@ -114,7 +115,9 @@ def test_python_examples_run(page, tmp_path):
         service, url = start_service(tmp_path)
         env = {"TINKER_BASE_URL": url, "TINKER_API_KEY": "tml-local", "TINKER_TELEMETRY": "0"}
     try:
-        proc = run([sys.executable, "examples.py"], tmp_path, env)
+        proc = warm.run(
+            "examples", [], tmp_path, {**os.environ, "PYTHONPATH": str(tmp_path), **env}
+        )
     finally:
         if service is not None:
             service.terminate()
@@ -152,7 +155,8 @@ def test_plugin_commands_train(page, line, tmp_path):
         (tmp_path / name).write_text(text + "\n")
     args = shlex.split(line)[3:]
     run_dir = tmp_path / "run"
-    proc = run([sys.executable, "-m", "rlkit", *args, *SHORT, f"hydra.run.dir={run_dir}"], tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = warm.run("rlkit", [*args, *SHORT, f"hydra.run.dir={run_dir}"], tmp_path, env)
     assert proc.returncode == 0, f"{page.name}: {line}\n{proc.stderr[-3000:]}"
     records = read_jsonl(run_dir / "metrics.jsonl")
     step = next(r for r in records if r["step"] == 0 and "reward/mean" in r)

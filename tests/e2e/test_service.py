@@ -14,6 +14,7 @@ import tinker
 from tinker import types
 
 from rlkit.backend.engines import vllm as vllm_engine
+from tests.e2e import warm
 from tests.e2e.runs import start_service as start
 from tests.e2e.runs import trainer_logprobs
 
@@ -143,11 +144,8 @@ def test_bad_input_is_one_line_the_sdk_shows(sdk, bad, message):
 
 
 def test_another_host_needs_an_api_key_and_a_wrong_key_is_refused(tmp_path, monkeypatch):
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlkit.service", "--host", "0.0.0.0", "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = warm.run(
+        "rlkit.service", ["--host", "0.0.0.0", "--dir", tmp_path], tmp_path, timeout=120
     )
     assert proc.returncode == 1 and "--api-key" in proc.stderr.strip().splitlines()[-1]
     server, url = start(tmp_path, "--api-key", "tml-secret")

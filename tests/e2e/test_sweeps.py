@@ -113,6 +113,18 @@ TIMINGS = ("seconds", "/s", "time")
 BATCHED = [*SWEEP, *ADAPTERS, "hydra.launcher.batch=true"]
 
 
+# Batched vs alone, measured over 8 arms (seeds 0-7, 4 RL steps each): rewards, accuracies,
+# token counts and the lr are identical; relative gaps up to 4.2e-7 (grad_norm) and 1.2e-7
+# (entropy, the warm start's loss); the loss, a sum of terms of order 1 that may nearly cancel,
+# up to 8.1e-6 in absolute terms (a loss of 1.6e-4 once failed rel=1e-3/abs=1e-5 with a gap of
+# 1.1e-5); quantities that are rounding noise themselves (the probe, sampler-trainer gaps) up to
+# 1.7e-7. The bounds below are those maxima times >= 10.
+EXACT = ("reward/", "eval/", "train/accuracy", "train/completion_tokens", "train/frac_", "train/lr")
+EXACT += ("train/truncated_frac",)
+NOISE = ("sync/probe_mismatch", "train/logprob_mismatch", "train/kl_sampler_trainer")
+NOISE_ATOL, LOSS_ATOL, REL = 1e-6, 1e-4, 1e-5
+
+
 def assert_close_runs(a, b) -> None:
     """The same steps and metrics, each float to rounding (timings aside)."""
     got, want = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
@@ -120,10 +132,17 @@ def assert_close_runs(a, b) -> None:
     for g, w in zip(got, want, strict=True):
         assert g.keys() == w.keys()
         for key, value in w.items():
-            if isinstance(value, float) and not any(t in key for t in TIMINGS):
-                assert g[key] == pytest.approx(value, rel=1e-3, abs=1e-5), (a, key)
-            elif not isinstance(value, float):
-                assert g[key] == value, (a, key)
+            if any(t in key for t in TIMINGS):
+                continue
+            where = (a, w["step"], key, g[key], value)
+            if not isinstance(value, float) or key.startswith(EXACT):
+                assert g[key] == value, where
+            elif key.startswith(NOISE):
+                assert abs(g[key] - value) <= NOISE_ATOL, where
+            elif key == "train/loss":
+                assert abs(g[key] - value) <= LOSS_ATOL, where
+            else:
+                assert g[key] == pytest.approx(value, rel=REL), where
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ outputs, stop strings, the calculator tool env, reward errors, the W&B logger, t
 options and a QDoRA run reproduced bitwise."""
 
 import json
-import subprocess
-import sys
 import textwrap
 from collections import Counter
 
@@ -17,6 +15,7 @@ from rlkit.rl.rewards.base import RewardError
 from rlkit.run.config import compose
 from rlkit.run.outputs import read_jsonl
 from rlkit.run.validate import validate
+from tests.e2e import warm
 from tests.e2e.runs import FAST, cli
 from tests.helpers import requires_bitsandbytes
 
@@ -288,20 +287,10 @@ def test_cli_qdora_run_is_bitwise_reproducible(tmp_path):
     ]
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
-        subprocess.run(
-            [sys.executable, "-m", "rlkit", *args, f"hydra.run.dir={run}"],
-            cwd=tmp_path,
-            check=True,
-            capture_output=True,
-            timeout=600,
-        )
+        cli([*args, f"hydra.run.dir={run}"], cwd=tmp_path)
     metrics = read_jsonl(runs[0] / "metrics.jsonl")
     rl = [m for m in metrics if "sync/probe_mismatch" in m]
     assert len(rl) == 2 and all(m["sync/probe_mismatch"] <= 1e-6 for m in rl)
     assert all(m["train/logprob_mismatch"] <= 1e-5 for m in rl)
-    compared = subprocess.run(
-        [sys.executable, "-m", "rlkit.repro", "compare", *map(str, runs)],
-        capture_output=True,
-        text=True,
-    )
+    compared = warm.run("rlkit.repro", ["compare", *runs], tmp_path)
     assert compared.returncode == 0, compared.stdout + compared.stderr

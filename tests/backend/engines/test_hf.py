@@ -131,16 +131,21 @@ def test_hf_engine_filters_a_batch_as_each_row():
 def test_the_hf_engine_samples_a_tied_output_layers_adapter_exactly(service, tied_llama):
     """Merging an adapter on an output layer tied to the input embeddings would change the
     embeddings too: the sampler's copy gets its own embeddings first (sampler logprobs vs the
-    trainer's after a few steps that move the output layer's adapter a lot)."""
+    trainer's after a few steps that move the output layer's adapter a lot).
+
+    Tolerances (1e-3) from a measured spread: over 8 seeds x 3 texts the probe differed by up
+    to 6.4e-5 and the served logprobs by up to 7.0e-5 (float32 rounding of merged vs unmerged
+    weights; 1.05e-5 at this seed on another machine failed the old 1e-5). Merged into the
+    shared embeddings (the bug), the probe differs by 0.35 to 0.46 and the sync is refused."""
     trainer = service.create_lora_training_client(tied_llama, rank=4, seed=0)
     text = "the quick brown fox jumps over the lazy dog"
     supervised_steps(trainer, text)
     tokens = trainer.get_tokenizer().encode(text)
     sampler = trainer.save_weights_and_get_sampling_client()
-    assert sampler.sync_metrics["sync/probe_mismatch"] < 1e-5
+    assert sampler.sync_metrics["sync/probe_mismatch"] < 1e-3
     served = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()[1:]
     trained = trainer_logprobs(trainer, tokens)
-    assert max(abs(a - b) for a, b in zip(served, trained.tolist(), strict=True)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(served, trained.tolist(), strict=True)) < 1e-3
 
 
 @pytest.mark.slow  # the real model (135M parameters) trained and sampled

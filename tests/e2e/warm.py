@@ -1,0 +1,241 @@
+"""`python -m MODULE ARGS` for the end-to-end tests, in a process forked from a warm interpreter.
+
+A `python -m rlkit` of the tiny model spends about 10 of its 12 seconds importing torch,
+transformers and peft (2 CPU cores). The end-to-end tests start such a process some 60 times,
+so each test process keeps one interpreter that has imported those libraries once (and
+nothing else: no rlkit module, no thread, no torch op) and forks it for each command. The
+child is a process of its own, as `python -m` would start it: its own pid, environment,
+working directory, `sys.argv`, `sys.path` (the working directory first, then PYTHONPATH's
+entries, whose `sitecustomize` it runs), stdin from /dev/null, stdout and stderr to files;
+rlkit is imported fresh in it; its exit status is the interpreter's (SystemExit's code, a
+message on stderr and 1, or a traceback and 1), after its threads are joined and its atexit
+handlers run.
+
+What it cannot do is what only a new interpreter does: another PYTHONHASHSEED, environment
+variables read when torch or transformers load (OMP_*, HF_HUB_OFFLINE: the tests set theirs
+before this starts). `run` starts a fresh interpreter for a command whose environment
+changes one of those (`FRESH_ONLY`); the tests of start-up itself (the wheel, launchers,
+signals to a running process) use subprocess directly.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+
+# What the warm interpreter imports: the libraries that every `python -m rlkit` loads.
+PRELOAD = (
+    "import torch, transformers, peft, hydra, omegaconf, safetensors\n"
+    "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+    "import matplotlib.pyplot\n"
+)
+# Environment variables a forked child cannot change (read at interpreter start or library load).
+FRESH_ONLY = ("PYTHONHASHSEED", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "HF_HUB_OFFLINE")
+
+
+def _child(request: dict) -> int:
+    """Run one request in this (forked) process; returns the exit status."""
+    import runpy
+    import traceback
+
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:0] = [request["cwd"], *extra]
+    sys.argv = [request["module"], *request["args"]]
+    code = 0
+    try:
+        if any(os.path.exists(os.path.join(p, "sitecustomize.py")) for p in extra):
+            sys.modules.pop("sitecustomize", None)
+            __import__("sitecustomize")
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if exc.code is None:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - what the interpreter does with it
+        traceback.print_exc()
+        code = 1
+    try:  # what the interpreter does before it exits
+        threading._shutdown()
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+        code = code or 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def serve() -> None:
+    """The warm interpreter: one JSON request a line on stdin; it forks a child for each, writes
+    `{"pid": N}` at once and `{"status": S}` (waitpid's) when the child ends."""
+    exec(PRELOAD, {})
+    out = sys.stdout
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_child(request))
+        print(json.dumps({"pid": pid}), file=out, flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"status": status}), file=out, flush=True)
+
+
+class Warm:
+    """One warm interpreter (per test process, started on first use); one child at a time."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from tests.e2e.warm import serve; serve()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        self.lock = threading.Lock()
+        atexit.register(self.proc.kill)
+
+    def reply(self, timeout: float | None) -> dict | None:
+        """The warm interpreter's next line, or None if none came within `timeout` seconds."""
+        import select
+
+        line = b""
+        fd = self.proc.stdout.fileno()
+        while not line.endswith(b"\n"):
+            if not select.select([fd], [], [], timeout)[0]:
+                if line:
+                    continue  # a line begun is finished at once
+                return None
+            chunk = os.read(fd, 1)
+            if not chunk:
+                raise RuntimeError("the warm interpreter died")
+            line += chunk
+        return json.loads(line)
+
+    def start(self, module, args, cwd, env, stdout, stderr) -> Child:
+        self.lock.acquire()
+        try:
+            request = {
+                "module": module,
+                "args": [str(a) for a in args],
+                "cwd": str(cwd),
+                "env": dict(env),
+                "stdout": str(stdout),
+                "stderr": str(stderr),
+            }
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            return Child(self, self.reply(None)["pid"], request)
+        except BaseException:
+            self.lock.release()
+            raise
+
+
+class Child:
+    """A command forked from the warm interpreter, as much of `subprocess.Popen` as the tests
+    use: pid, poll, wait, send_signal, kill, returncode."""
+
+    def __init__(self, warm: Warm, pid: int, request: dict) -> None:
+        self.warm, self.pid, self.request = warm, pid, request
+        self.args = [sys.executable, "-m", request["module"], *request["args"]]
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            reply = self.warm.reply(timeout)
+            if reply is None:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            status = reply["status"]
+            self.returncode = (
+                -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            )
+            self.warm.lock.release()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        try:
+            return self.wait(0)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL, and reap it: the warm interpreter serves one child at a time."""
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+        self.wait()
+
+    def output(self) -> tuple[str, str]:
+        with open(self.request["stdout"]) as f, open(self.request["stderr"]) as g:
+            return f.read(), g.read()
+
+
+_warm: Warm | None = None
+
+
+def warm() -> Warm:
+    global _warm
+    if _warm is None or _warm.proc.poll() is not None:
+        _warm = Warm()
+    return _warm
+
+
+def start(module: str, args, cwd, env, stdout, stderr) -> Child:
+    """`python -m module *args` forked from the warm interpreter, running on while the caller
+    goes on (like `subprocess.Popen`), its output to the files `stdout` and `stderr`. Wait for
+    it (or kill and wait) before starting another."""
+    return warm().start(module, args, cwd, env, stdout, stderr)
+
+
+def fresh(env) -> bool:
+    """Whether `env` changes what a forked child cannot (FRESH_ONLY): then only a new
+    interpreter runs it as it would run (RLKIT_TEST_FRESH=1: always)."""
+    return bool(os.environ.get("RLKIT_TEST_FRESH")) or any(
+        env.get(k) != os.environ.get(k) for k in FRESH_ONLY
+    )
+
+
+def run(module: str, args, cwd, env=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m module *args` in `cwd` with environment `env` (default: this process's),
+    forked from the warm interpreter (a new one where `fresh(env)`), its output captured as
+    text, like `subprocess.run(capture_output=True, timeout=timeout)`."""
+    import tempfile
+
+    env = dict(os.environ if env is None else env)
+    command = [sys.executable, "-m", module, *map(str, args)]
+    if fresh(env):
+        return subprocess.run(
+            command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        child = start(module, args, cwd, env, f"{tmp}/stdout", f"{tmp}/stderr")
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            raise subprocess.TimeoutExpired(command, timeout, *child.output()) from None
+        return subprocess.CompletedProcess(command, child.returncode, *child.output())
