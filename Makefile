@@ -64,7 +64,7 @@ real: setup
 # file stays in one, with its fixtures); `make test` leaves the `full` tests (exhaustive or
 # repeated coverage) to `make test-all`, which is run before an issue is resolved.
 TEST_WORKERS ?= 2
-PYTEST := RLKIT_REQUIRE_VLLM=1 RLKIT_REQUIRE_SMOLLM2=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := RLKIT_REQUIRE_VLLM=1 RLKIT_REQUIRE_SMOLLM2=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 test: setup
 	$(PYTEST) -m "not full" $(ARGS)
 
