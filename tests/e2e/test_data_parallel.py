@@ -83,19 +83,23 @@ def environment(cache: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "RLKIT_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1", **extra}
 
 
-def run(processes, run_dir, cache, *extra, timeout=300, **env) -> subprocess.CompletedProcess:
-    """The run under the launcher; one process: `python -m rlkit`, forked from the warm
+def launch(processes, module, args, env, timeout=300) -> subprocess.CompletedProcess:
+    """`-m module *args` under the 2-process launcher; one process: forked from the warm
     interpreter (tests/e2e/warm.py)."""
     if processes == 1:
-        args = [*ARGS, f"hydra.run.dir={run_dir}", *extra]
-        return warm.run("rlkit", args, os.getcwd(), environment(cache, **env), timeout)
+        return warm.run(module, args, os.getcwd(), env, timeout)
     return subprocess.run(
-        command(processes, run_dir, *extra),
-        env=environment(cache, **env),
+        [*launcher(processes), "-m", module, *args],
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run(processes, run_dir, cache, *extra, timeout=300, **env) -> subprocess.CompletedProcess:
+    args = [*ARGS, f"hydra.run.dir={run_dir}", *extra]
+    return launch(processes, "rlkit", args, environment(cache, **env), timeout)
 
 
 def ok(done: subprocess.CompletedProcess) -> None:
@@ -272,14 +276,7 @@ WORK_LINE = re.compile(r"work done in this process: (\d+) tokens forward, (\d+) 
 
 def hand_loop(processes: int, cache: Path) -> tuple[list[tuple], list[tuple[int, int]]]:
     """The example's step lines (one set per process: they must agree) and work lines."""
-    module, args = "rlkit.examples.rl_loop", ["--steps", "6"]
-    if processes == 1:  # forked from the warm interpreter (tests/e2e/warm.py)
-        done = warm.run(module, args, os.getcwd(), environment(cache), timeout=300)
-    else:
-        cmd = [*launcher(processes), "-m", module, *args]
-        done = subprocess.run(
-            cmd, env=environment(cache), capture_output=True, text=True, timeout=300
-        )
+    done = launch(processes, "rlkit.examples.rl_loop", ["--steps", "6"], environment(cache))
     ok(done)
     steps = [m.groups() for m in STEP_LINE.finditer(done.stdout)]
     work = [tuple(map(int, m.groups())) for m in WORK_LINE.finditer(done.stdout)]

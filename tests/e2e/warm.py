@@ -3,7 +3,7 @@
 A `python -m rlkit` of the tiny model spends about 10 of its 12 seconds importing torch,
 transformers and peft (2 CPU cores). The end-to-end tests start such a process some 60 times,
 so each test process keeps one interpreter that has imported those libraries once (and
-nothing else: no rlkit module, no thread, no torch op) and forks it for each command. The
+nothing else: no rlkit module, no Python thread, no torch op) and forks it for each command. The
 child is a process of its own, as `python -m` would start it: its own pid, environment,
 working directory, `sys.argv`, `sys.path` (the working directory first, then PYTHONPATH's
 entries, whose `sitecustomize` it runs), stdin from /dev/null, stdout and stderr to files;
@@ -14,8 +14,9 @@ handlers run.
 What it cannot do is what only a new interpreter does: another PYTHONHASHSEED, environment
 variables read when torch or transformers load (OMP_*, HF_HUB_OFFLINE: the tests set theirs
 before this starts). `run` starts a fresh interpreter for a command whose environment
-changes one of those (`FRESH_ONLY`); the tests of start-up itself (the wheel, launchers,
-signals to a running process) use subprocess directly.
+changes one of those (`FRESH_ONLY`); `start` runs one in the background (signals, waits). The
+tests of start-up itself (launchers, servers, a second run beside a running one) use subprocess
+directly.
 """
 
 from __future__ import annotations
