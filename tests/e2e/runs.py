@@ -4,7 +4,6 @@ processes."""
 
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -116,9 +115,9 @@ def start_service(tmp_path, *args: str) -> tuple[subprocess.Popen, str]:
     """`python -m rlkit.service` on a free port, its --dir under `tmp_path`, once it answers;
     the process and its URL."""
     port = free_port()
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # forked from a warm interpreter (tests/e2e/warm.py)
         [
-            sys.executable,
+            warm.python(),
             "-m",
             "rlkit.service",
             "--port",

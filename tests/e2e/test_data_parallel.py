@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -65,18 +64,11 @@ NOISE_ATOL = 1e-5
 LOSS_REL, LOSS_ATOL = 1e-4, 5e-5
 
 
-def command(processes: int, run_dir: Path, *extra: str) -> list[str]:
-    return [*launcher(processes), "-m", "rlkit", *ARGS, f"hydra.run.dir={run_dir}", *extra]
-
-
 def launcher(processes: int) -> list[str]:
-    """What starts `-m MODULE` in `processes` processes (plain python for one)."""
-    if processes == 1:
-        return [sys.executable]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    cmd += ["--num_processes", str(processes), "--num_machines", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*cmd, "--main_process_port", str(free_port())]
+    """`accelerate launch`'s arguments for `processes` processes (gloo on CPU)."""
+    args = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"]
+    args += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*args, "--main_process_port", str(free_port())]
 
 
 def environment(cache: Path, **extra: str) -> dict[str, str]:
@@ -84,17 +76,14 @@ def environment(cache: Path, **extra: str) -> dict[str, str]:
 
 
 def launch(processes, module, args, env, timeout=300) -> subprocess.CompletedProcess:
-    """`-m module *args` under the 2-process launcher; one process: forked from the warm
-    interpreter (tests/e2e/warm.py)."""
+    """`python -m module *args`, or with 2 processes `accelerate launch -m module *args`. Each
+    `python -m`, the launcher's and its processes', is forked from a warm interpreter
+    (tests/e2e/warm.py; the launcher's through PYTHON_EXEC, which it documents)."""
     if processes == 1:
         return warm.run(module, args, os.getcwd(), env, timeout)
-    return subprocess.run(
-        [*launcher(processes), "-m", module, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    args = [*launcher(processes), "-m", module, *args]
+    env = {**env, "PYTHON_EXEC": warm.python()}
+    return warm.run("accelerate.commands.launch", args, os.getcwd(), env, timeout)
 
 
 def run(processes, run_dir, cache, *extra, timeout=300, **env) -> subprocess.CompletedProcess:
@@ -210,16 +199,14 @@ def test_sigterm_to_the_launcher_stops_every_process_after_one_step_and_resumes_
     slow = replace_rollout_metrics(
         tmp_path / "slow", "    time.sleep(1.0)\n    return original(*args, **kwargs)"
     )
-    launcher = subprocess.Popen(
-        command(2, run_dir, "checkpoint.every=0"),
-        env=environment(cache, PYTHONPATH=slow),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    wait_for_lines(run_dir / "metrics.jsonl", 2, launcher)  # the warm start's row and step 0's
-    launcher.send_signal(signal.SIGTERM)
-    out, _ = launcher.communicate(timeout=120)
+    args = [*launcher(2), "-m", "rlkit", *ARGS, f"hydra.run.dir={run_dir}", "checkpoint.every=0"]
+    env = environment(cache, PYTHONPATH=slow, PYTHON_EXEC=warm.python())
+    output = tmp_path / "output.txt"
+    process = warm.start("accelerate.commands.launch", args, tmp_path, env, output, output)
+    wait_for_lines(run_dir / "metrics.jsonl", 2, process)  # the warm start's row and step 0's
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    out = output.read_text()
     # torch's elastic agent ends with its own SignalException (exit 1) after forwarding the
     # signal; what matters is that every process finished cleanly.
     assert "ChildFailedError" not in out, out[-3000:]

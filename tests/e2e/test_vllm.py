@@ -21,6 +21,7 @@ from rlkit.api import types
 from rlkit.backend.engines.probe import StaleAdapterError
 from rlkit.backend.engines.vllm_server import ServerError, VLLMServerEngine
 from rlkit.run.outputs import read_jsonl
+from tests.e2e import warm
 from tests.e2e.runs import FAST, cli, free_port, trainer_logprobs, wait_for_lines
 from tests.helpers import skip_module_without_vllm
 
@@ -184,8 +185,8 @@ RUN = [
 
 def test_a_run_on_the_server_then_the_server_dies_mid_run(server, tmp_path, cache):
     process, url = server
-    done = subprocess.run(
-        [sys.executable, "-m", "rlkit", *RUN, "steps=2", f"engine.url={url}"]
+    done = subprocess.run(  # forked from a warm interpreter (tests/e2e/warm.py)
+        [warm.python(), "-m", "rlkit", *RUN, "steps=2", f"engine.url={url}"]
         + [f"hydra.run.dir={tmp_path / 'ok'}"],
         capture_output=True,
         text=True,
@@ -198,7 +199,7 @@ def test_a_run_on_the_server_then_the_server_dies_mid_run(server, tmp_path, cach
 
     run_dir = tmp_path / "dies"
     run = subprocess.Popen(
-        [sys.executable, "-m", "rlkit", *RUN, "steps=200", "checkpoint.every=1"]
+        [warm.python(), "-m", "rlkit", *RUN, "steps=200", "checkpoint.every=1"]
         + [f"engine.url={url}", f"hydra.run.dir={run_dir}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -40,18 +40,35 @@ FRESH_ONLY = ("PYTHONHASHSEED", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "HF_HUB_OF
 
 
 def _child(request: dict) -> int:
-    """Run one request in this (forked) process; returns the exit status."""
+    """Run one request in this (forked) process, its output to the request's files; returns the
+    exit status."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
+    if request["stderr"] == request["stdout"]:  # one file, as with stderr=subprocess.STDOUT
+        os.dup2(1, 2)
+    else:
+        os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+    return _run(request)
+
+
+def _run(request: dict) -> int:
+    """`python -m` of the request in this (forked) process, on its fds 0, 1 and 2; returns the
+    exit status."""
     import runpy
     import traceback
 
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
     sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     os.chdir(request["cwd"])
+    threads = request["env"].get("OMP_NUM_THREADS")
+    if threads != os.environ.get("OMP_NUM_THREADS") and threads and threads.isdigit():
+        # Read by OpenMP as torch loads, which in this process it already did: what a new
+        # interpreter would do with it (a launcher sets 1 for its processes).
+        import torch
+
+        torch.set_num_threads(int(threads))
     os.environ.clear()
     os.environ.update(request["env"])
     extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -192,6 +209,146 @@ class Child:
     def output(self) -> tuple[str, str]:
         with open(self.request["stdout"]) as f, open(self.request["stderr"]) as g:
             return f.read(), g.read()
+
+
+# The processes a launcher starts. `accelerate launch` (torch's elastic agent under it) runs each
+# process as `PYTHON_EXEC -u -m MODULE ARGS` (PYTHON_EXEC: torchrun's documented override of
+# sys.executable). The tests set PYTHON_EXEC to the script below, which has the rank server (a
+# warm interpreter listening on a Unix socket) fork the process instead, with the script's own
+# stdin, stdout and stderr, environment and working directory; it passes on the signals it gets
+# and ends as the process did (its exit status, or killed by the same signal). The process is
+# SIGKILLed if the script is killed first. What a fork cannot give (FRESH_ONLY, but for
+# OMP_NUM_THREADS, which torch.set_num_threads gives it) execs a new interpreter instead.
+PROXY = """#!{python} -IS
+import json, os, signal, socket, sys
+
+SOCKET, PYTHON, FRESH = {socket!r}, {python!r}, {fresh!r}
+args = sys.argv[1:]
+if args[:1] == ["-u"]:
+    args = args[1:]
+if (
+    args[:1] != ["-m"]
+    or len(args) < 2
+    or os.environ.get("RLKIT_TEST_FRESH")
+    or any(os.environ.get(k) != v for k, v in FRESH.items())
+):
+    os.execv(PYTHON, [PYTHON, *sys.argv[1:]])
+conn = socket.socket(socket.AF_UNIX)
+conn.connect(SOCKET)
+socket.send_fds(conn, [b"r"], [0, 1, 2])
+request = {{"module": args[1], "args": args[2:], "cwd": os.getcwd(), "env": dict(os.environ)}}
+conn.sendall(json.dumps(request).encode() + b"\\n")
+replies = conn.makefile("rb")
+pid = json.loads(replies.readline())["pid"]
+for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+    signal.signal(signum, lambda signum, _: os.kill(pid, signum))
+status = json.loads(replies.readline())["status"]
+if os.WIFSIGNALED(status):
+    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.WEXITSTATUS(status))
+"""
+
+
+def serve_ranks(path: str) -> None:
+    """The rank server: listens on the Unix socket `path`; for each connection (PROXY's), a
+    handler process forks the requested process. Ends when its stdin closes."""
+    import select
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(16)
+    exec(PRELOAD, {})
+    while True:
+        ready = select.select([listener, sys.stdin], [], [], 1.0)[0]
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1):
+            return
+        if listener in ready:
+            conn, _ = listener.accept()
+            if os.fork() == 0:
+                listener.close()
+                os._exit(_handle(conn))
+            conn.close()
+
+
+def _handle(conn) -> int:
+    """One launched process: PROXY's fds and request; forks it, replies its pid and, once it
+    ends, its waitpid status; SIGKILLs it if the proxy goes first."""
+    import select
+    import signal
+    import socket
+
+    _, fds, _, _ = socket.recv_fds(conn, 1, 3)
+    request = json.loads(conn.makefile("rb").readline())
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            os.close(fd)
+        os._exit(_run(request))
+    for fd in fds:
+        os.close(fd)
+    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    ended = os.pidfd_open(pid)
+    while ended not in select.select([conn, ended], [], [])[0]:
+        if not conn.recv(1):  # the proxy was killed: so is its process
+            os.kill(pid, signal.SIGKILL)
+            break
+    _, status = os.waitpid(pid, 0)
+    with contextlib.suppress(OSError):
+        conn.sendall(json.dumps({"status": status}).encode() + b"\n")
+    return 0
+
+
+class Ranks:
+    """The rank server of this test process, and PROXY written beside its socket."""
+
+    def __init__(self) -> None:
+        import tempfile
+        import time
+
+        folder = tempfile.mkdtemp(prefix="rlkit-ranks-")
+        socket_path = os.path.join(folder, "socket")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"from tests.e2e.warm import serve_ranks; serve_ranks({socket_path!r})",
+            ],
+            stdin=subprocess.PIPE,
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        atexit.register(self.proc.kill)
+        self.python = os.path.join(folder, "python")
+        fresh = {k: os.environ.get(k) for k in FRESH_ONLY if k != "OMP_NUM_THREADS"}
+        with open(self.python, "w") as f:
+            f.write(PROXY.format(python=sys.executable, socket=socket_path, fresh=fresh))
+        os.chmod(self.python, 0o755)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(socket_path):  # bound before the server imports anything
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the rank server did not start")
+            time.sleep(0.05)
+
+
+_ranks: Ranks | None = None
+
+
+def python() -> str:
+    """An executable to run `python -m MODULE ARGS` with, in place of sys.executable, in a
+    command that subprocess or a launcher (PYTHON_EXEC) starts: the process is forked from a
+    warm interpreter (RLKIT_TEST_FRESH=1: a new one), and the command started is PROXY."""
+    global _ranks
+    if _ranks is None or _ranks.proc.poll() is not None:
+        _ranks = Ranks()
+    return _ranks.python
 
 
 _warm: Warm | None = None
