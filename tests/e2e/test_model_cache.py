@@ -1,5 +1,5 @@
-"""The model cache (rlkit.backend.models.cached) across processes: two spawned processes
-asking for an entry nobody has built; one builds it under the cache's lock, the other waits."""
+"""The model cache (rlkit.backend.models.cached) across processes: two processes asking for an
+entry nobody has built; one builds it under the cache's lock, the other waits."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pytest
 
 from rlkit.backend import models
 
-# Spawns two processes.
+# Starts two processes.
 pytestmark = pytest.mark.slow
 
 
@@ -33,7 +33,9 @@ def test_concurrent_converters_wait_for_one_another(tmp_path, monkeypatch):
 
     monkeypatch.setenv("BUILDS", str(tmp_path / "builds.log"))
     target = tmp_path / "models" / "slow-entry"
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
+    # Forked (what they run is file locks and sleeps, no torch op): a spawned process imports
+    # torch and transformers first, 10 s of CPU for a check of 1 s.
+    with multiprocessing.get_context("fork").Pool(2) as pool:
         paths = pool.map(_resolve_in_child, [str(target), str(target)])
     assert paths == [str(target), str(target)]
     assert len((tmp_path / "builds.log").read_text().splitlines()) == 1
