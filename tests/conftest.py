@@ -36,6 +36,39 @@ def trainer(service):
     return service.create_lora_training_client("rlkit-tiny", rank=8, seed=0)
 
 
+def pytest_sessionstart(session):
+    """With several test processes (xdist), the real model is converted (~30 s of one core) in
+    the background from the start: the first two tests that need it, one in each process, used
+    to wait for it together, one core idle. The `smollm2` fixture waits for it (the model
+    cache's lock) or converts it itself if this did not."""
+    config = session.config
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    if "not slow" in (config.option.markexpr or ""):
+        return
+    import subprocess
+    import sys
+
+    code = "from rlkit.backend import models; models.resolve('smollm2-135m-instruct')"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def stop():  # SIGINT: the cache's staging folder is removed as the interpreter unwinds
+        import signal
+
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    config.add_cleanup(stop)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real pretrained model's converted checkpoint (its directory), converted once per test
