@@ -141,21 +141,29 @@ def test_a_second_run_on_a_run_dir_in_use_is_refused_at_once(tmp_path):
     run_dir = tmp_path / "shared"
     # Far more steps than the second run's start-up lasts (200 tiny steps once ended first, and
     # the second then resumed the finished run); the first is killed when the check is done.
-    first = subprocess.Popen(
-        [sys.executable, "-m", "rlkit", *FAST, "steps=100000", f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    # Both forked from warm interpreters (tests/e2e/warm.py), each its own process: the first
+    # from the one warm.start uses (its pid is the run's), the second from the one warm.python
+    # names.
+    first = warm.start(
+        "rlkit",
+        [*FAST, "steps=100000", f"hydra.run.dir={run_dir}"],
+        tmp_path,
+        os.environ,
+        tmp_path / "first.out",
+        tmp_path / "first.out",
     )
     try:
         wait_for_lines(run_dir / "metrics.jsonl", 1, first)  # running, lock held
         assert first.poll() is None
-        second = warm.run(
-            "rlkit", [*FAST, f"hydra.run.dir={run_dir}", "resume=auto"], tmp_path, timeout=120
+        second = subprocess.run(
+            [warm.python(), "-m", "rlkit", *FAST, f"hydra.run.dir={run_dir}", "resume=auto"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     finally:
         first.kill()
-        first.wait()
     assert second.returncode == 1
     assert last_line(second) == (
         f"error: {run_dir} is in use by another run (process {first.pid}, lock "
