@@ -62,9 +62,12 @@ real: setup
 # RLKIT_REQUIRE_VLLM / _SMOLLM2: the vLLM and real-model tests fail instead of skipping when
 # vllm or the real model's package is missing. TEST_WORKERS processes share the suite (each test
 # file stays in one, with its fixtures); `make test` leaves the `full` tests (exhaustive or
-# repeated coverage) to `make test-all`, which is run before an issue is resolved.
+# repeated coverage) to `make test-all`, which is run before an issue is resolved. Each test
+# process and what it starts compute with TEST_THREADS torch threads (OMP_NUM_THREADS): 2 processes
+# of 2 threads on 2 cores took 469 s, of 1 thread 384 s (the threads waited on one another).
 TEST_WORKERS ?= 2
-PYTEST := RLKIT_REQUIRE_VLLM=1 RLKIT_REQUIRE_SMOLLM2=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
+TEST_THREADS ?= 1
+PYTEST := RLKIT_REQUIRE_VLLM=1 RLKIT_REQUIRE_SMOLLM2=1 OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 test: setup
 	$(PYTEST) -m "not full" $(ARGS)
 

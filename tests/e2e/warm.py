@@ -1,22 +1,31 @@
 """`python -m MODULE ARGS` for the end-to-end tests, in a process forked from a warm interpreter.
 
 A `python -m rlkit` of the tiny model spends about 10 of its 12 seconds importing torch,
-transformers and peft (2 CPU cores). The end-to-end tests start such a process some 60 times,
-so each test process keeps one interpreter that has imported those libraries once (and
-nothing else: no rlkit module, no Python thread, no torch op) and forks it for each command. The
+transformers and peft (2 CPU cores). The end-to-end tests start such a process some 100 times,
+so each test process keeps warm interpreters that have imported those libraries once (and
+nothing else: no rlkit module, no Python thread, no torch op) and fork them for each command. The
 child is a process of its own, as `python -m` would start it: its own pid, environment,
 working directory, `sys.argv`, `sys.path` (the working directory first, then PYTHONPATH's
-entries, whose `sitecustomize` it runs), stdin from /dev/null, stdout and stderr to files;
-rlkit is imported fresh in it; its exit status is the interpreter's (SystemExit's code, a
-message on stderr and 1, or a traceback and 1), after its threads are joined and its atexit
-handlers run.
+entries, whose `sitecustomize` it runs), stdin, stdout and stderr; rlkit is imported fresh in
+it; its exit status is the interpreter's (SystemExit's code, a message on stderr and 1, or a
+traceback and 1), after its threads are joined and its atexit handlers run.
 
-What it cannot do is what only a new interpreter does: another PYTHONHASHSEED, environment
-variables read when torch or transformers load (OMP_*, HF_HUB_OFFLINE: the tests set theirs
-before this starts). `run` starts a fresh interpreter for a command whose environment
-changes one of those (`FRESH_ONLY`); `start` runs one in the background (signals, waits). The
-tests of start-up itself (launchers, servers, a second run beside a running one) use subprocess
-directly.
+Two ways in:
+- `run` (like `subprocess.run`) and `start` (like `Popen`: one at a time, signals go to the
+  child's own pid), stdin from /dev/null, output to files;
+- `python()`, an executable to put in place of sys.executable in `[python, "-m", ...]` commands
+  that subprocess starts, or a launcher (`accelerate launch` with PYTHON_EXEC, which torchrun
+  documents): a small script that has the rank server fork the process with the script's own
+  fds, passes on the signals it gets and ends as the process did. Many at once; a SIGKILL to
+  the script reaches the process a moment after.
+
+What a fork cannot do is what only a new interpreter does: another PYTHONHASHSEED, environment
+variables read when torch or transformers load (OMP_WAIT_POLICY, HF_HUB_OFFLINE: the tests set
+theirs before this starts; OMP_NUM_THREADS is given by torch.set_num_threads, as a launcher sets
+it for its processes). A command whose environment changes one of those (`FRESH_ONLY`) gets a
+new interpreter, as does every command under RLKIT_TEST_FRESH=1. A child's parent is the warm
+interpreter: what reads its parent's command line (rlkit's warning about `accelerate launch
+--cpu`) and the process that holds a lock under another's pid start with subprocess directly.
 """
 
 from __future__ import annotations
@@ -40,8 +49,9 @@ PRELOAD = (
     # The architectures of rlkit's built-in models (transformers imports each on first use).
     "import transformers.models.qwen3.modeling_qwen3, transformers.models.llama.modeling_llama\n"
 )
-# Environment variables a forked child cannot change (read at interpreter start or library load).
-FRESH_ONLY = ("PYTHONHASHSEED", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "HF_HUB_OFFLINE")
+# Environment variables a forked child cannot change (read at interpreter start or library load;
+# OMP_NUM_THREADS is, by torch.set_num_threads).
+FRESH_ONLY = ("PYTHONHASHSEED", "OMP_WAIT_POLICY", "HF_HUB_OFFLINE")
 
 
 def _child(request: dict) -> int:
@@ -216,14 +226,14 @@ class Child:
             return f.read(), g.read()
 
 
-# The processes a launcher starts. `accelerate launch` (torch's elastic agent under it) runs each
-# process as `PYTHON_EXEC -u -m MODULE ARGS` (PYTHON_EXEC: torchrun's documented override of
-# sys.executable). The tests set PYTHON_EXEC to the script below, which has the rank server (a
+# `python()`'s script. `accelerate launch` (torch's elastic agent under it) runs each process as
+# `PYTHON_EXEC -u -m MODULE ARGS` (PYTHON_EXEC: torchrun's documented override of
+# sys.executable); tests run `[python(), "-m", MODULE, ...]`. The script has the rank server (a
 # warm interpreter listening on a Unix socket) fork the process instead, with the script's own
 # stdin, stdout and stderr, environment and working directory; it passes on the signals it gets
 # and ends as the process did (its exit status, or killed by the same signal). The process is
-# SIGKILLed if the script is killed first. What a fork cannot give (FRESH_ONLY, but for
-# OMP_NUM_THREADS, which torch.set_num_threads gives it) execs a new interpreter instead.
+# SIGKILLed if the script is killed first. What a fork cannot give (FRESH_ONLY) execs a new
+# interpreter instead.
 PROXY = """#!{python} -IS
 import json, os, signal, socket, sys
 
@@ -332,7 +342,7 @@ class Ranks:
         )
         atexit.register(self.proc.kill)
         self.python = os.path.join(folder, "python")
-        fresh = {k: os.environ.get(k) for k in FRESH_ONLY if k != "OMP_NUM_THREADS"}
+        fresh = {k: os.environ.get(k) for k in FRESH_ONLY}
         with open(self.python, "w") as f:
             f.write(PROXY.format(python=sys.executable, socket=socket_path, fresh=fresh))
         os.chmod(self.python, 0o755)
