@@ -9,16 +9,21 @@ with each other and with a single process making the same calls.
 
 import json
 import os
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+
+from tests.e2e import warm
 
 pytestmark = pytest.mark.slow  # starts two processes
 
 WORLD = 2
+ROOT = Path(__file__).resolve().parents[2]  # where `python -m tests.e2e...` finds this module
 
 
 def batch(tokenizer, n: int) -> list:
@@ -72,7 +77,7 @@ def train_once(n_datums, out_dir, name) -> None:
         json.dump(record, f)
 
 
-def worker(rank, init_file, out_dir, n_datums) -> None:
+def worker(rank: int, init_file: str, out_dir: str, n_datums: int) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -95,8 +100,23 @@ def worker(rank, init_file, out_dir, n_datums) -> None:
 
 
 def run_two_processes(tmp_path, n_datums) -> list[tuple[dict, dict]]:
+    """`worker` in WORLD processes, each `python -m` this module, forked from a warm
+    interpreter (tests/e2e/warm.py; spawned, each imported torch and transformers first)."""
     os.environ.setdefault("RLKIT_CACHE_DIR", str(tmp_path / "cache"))  # children inherit it
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path), n_datums), nprocs=WORLD)
+    args = [str(tmp_path / "init"), str(tmp_path), str(n_datums)]
+    processes = [
+        subprocess.Popen(
+            [warm.python(), "-m", __name__, str(rank), *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(WORLD)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    for rank, (process, output) in enumerate(zip(processes, outputs, strict=True)):
+        assert process.returncode == 0, f"rank {rank}: exit {process.returncode}\n{output[-3000:]}"
     return [
         (
             load_file(tmp_path / f"rank{r}.safetensors"),
@@ -169,3 +189,7 @@ def load_initial() -> dict:
         )
         _INITIAL.update({n: p.detach().clone() for n, p in trainer._learner.params.items()})
     return _INITIAL
+
+
+if __name__ == "__main__":  # one of run_two_processes's processes: RANK INIT_FILE OUT_DIR N
+    worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]))
