@@ -64,11 +64,14 @@ NOISE_ATOL = 1e-5
 LOSS_REL, LOSS_ATOL = 1e-4, 5e-5
 
 
-def launcher(processes: int) -> list[str]:
-    """`accelerate launch`'s arguments for `processes` processes (gloo on CPU)."""
-    args = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"]
-    args += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*args, "--main_process_port", str(free_port())]
+def launcher(processes, module, args, env) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch`'s arguments and environment to run `-m module *args` in `processes`
+    processes (gloo on CPU), each forked from a warm interpreter (PYTHON_EXEC, which torchrun
+    documents: tests/e2e/warm.py)."""
+    launch = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(free_port()), "-m", module, *args]
+    return launch, {**env, "PYTHON_EXEC": warm.python()}
 
 
 def environment(cache: Path, **extra: str) -> dict[str, str]:
@@ -78,11 +81,10 @@ def environment(cache: Path, **extra: str) -> dict[str, str]:
 def launch(processes, module, args, env, timeout=300) -> subprocess.CompletedProcess:
     """`python -m module *args`, or with 2 processes `accelerate launch -m module *args`. Each
     `python -m`, the launcher's and its processes', is forked from a warm interpreter
-    (tests/e2e/warm.py; the launcher's through PYTHON_EXEC, which it documents)."""
+    (tests/e2e/warm.py; the launcher's processes as `launcher` says)."""
     if processes == 1:
         return warm.run(module, args, os.getcwd(), env, timeout)
-    args = [*launcher(processes), "-m", module, *args]
-    env = {**env, "PYTHON_EXEC": warm.python()}
+    args, env = launcher(processes, module, args, env)
     return warm.run("accelerate.commands.launch", args, os.getcwd(), env, timeout)
 
 
@@ -199,8 +201,12 @@ def test_sigterm_to_the_launcher_stops_every_process_after_one_step_and_resumes_
     slow = replace_rollout_metrics(
         tmp_path / "slow", "    time.sleep(1.0)\n    return original(*args, **kwargs)"
     )
-    args = [*launcher(2), "-m", "rlkit", *ARGS, f"hydra.run.dir={run_dir}", "checkpoint.every=0"]
-    env = environment(cache, PYTHONPATH=slow, PYTHON_EXEC=warm.python())
+    args, env = launcher(
+        2,
+        "rlkit",
+        [*ARGS, f"hydra.run.dir={run_dir}", "checkpoint.every=0"],
+        environment(cache, PYTHONPATH=slow),
+    )
     output = tmp_path / "output.txt"
     process = warm.start("accelerate.commands.launch", args, tmp_path, env, output, output)
     wait_for_lines(run_dir / "metrics.jsonl", 2, process)  # the warm start's row and step 0's

@@ -132,20 +132,27 @@ def serve() -> None:
         print(json.dumps({"status": status}), file=out, flush=True)
 
 
+def _server(call: str, **popen) -> subprocess.Popen:
+    """A new interpreter running `call` of this module (a server; it ends when its stdin, a
+    pipe from this process, closes), in the repository with this process's sys.path; killed at
+    this process's exit."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"from tests.e2e import warm; warm.{call}"],
+        stdin=subprocess.PIPE,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        **popen,
+    )
+    atexit.register(proc.kill)
+    return proc
+
+
 class Warm:
     """One warm interpreter (per test process, started on first use); one child at a time."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from tests.e2e.warm import serve; serve()"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,
-            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
+        self.proc = _server("serve()", stdout=subprocess.PIPE, bufsize=0)
         self.lock = threading.Lock()
-        atexit.register(self.proc.kill)
 
     def reply(self, timeout: float | None) -> dict | None:
         """The warm interpreter's next line, or None if none came within `timeout` seconds."""
@@ -330,17 +337,7 @@ class Ranks:
 
         folder = tempfile.mkdtemp(prefix="rlkit-ranks-")
         socket_path = os.path.join(folder, "socket")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                f"from tests.e2e.warm import serve_ranks; serve_ranks({socket_path!r})",
-            ],
-            stdin=subprocess.PIPE,
-            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
-        atexit.register(self.proc.kill)
+        self.proc = _server(f"serve_ranks({socket_path!r})")
         self.python = os.path.join(folder, "python")
         fresh = {k: os.environ.get(k) for k in FRESH_ONLY}
         with open(self.python, "w") as f:
